@@ -1,0 +1,238 @@
+"""Per-architecture adapters that switch transformers' own DSA models to IndexCache.
+
+transformers' attention code stays untouched. Each adapter only knows where a model keeps its indexers,
+how an S layer gets the top-k of its F layer, and how to recompute an indexer's q, k and weights with
+gradients for distillation:
+
+- `GlmMoeDsaForCausalLM` shares natively: an attention whose `indexer` is None reuses `prev_topk_indices`.
+- `DeepseekV32ForCausalLM` always calls its indexer, so an S layer's indexer is replaced by `SharedTopK`,
+  a module without parameters that returns the top-k its F layer recorded in a `TopKRelay`.
+
+Removed indexers are kept off the module tree (absent from `state_dict()` and `parameters()`), so a later
+`apply_indexcache` with another pattern can bring them back; that is what pattern search relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .pattern import IndexCachePattern
+
+
+@dataclass
+class IndexerProjections:
+    """An indexer's tensors in the form the KL kernels take: I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s])."""
+
+    query: torch.Tensor  # [B, L, Hi, Di], the indexer's softmax scale folded in
+    key: torch.Tensor  # [B, L, Di]
+    weights: torch.Tensor  # [B, L, Hi], the 1/sqrt(Hi) head scale folded in
+
+
+class TopKRelay:
+    """Carries the latest F layer's top-k to the S layers after it during one forward pass."""
+
+    def __init__(self):
+        self.layer: int | None = None
+        self.indices: torch.Tensor | None = None
+
+    def record(self, indexer: nn.Module, args, output: torch.Tensor) -> None:
+        self.layer, self.indices = indexer.layer_idx, output
+
+
+class SharedTopK(nn.Module):
+    """Stands in for an S layer's indexer: returns its F layer's top-k instead of computing one."""
+
+    def __init__(self, relay: TopKRelay, layer_idx: int, source_layer: int):
+        super().__init__()
+        self.relay, self.layer_idx, self.source_layer = relay, layer_idx, source_layer
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        indices = self.relay.indices
+        if self.relay.layer != self.source_layer or indices is None or indices.shape[:2] != hidden_states.shape[:2]:
+            raise RuntimeError(
+                f"Layer {self.layer_idx} shares the top-k of layer {self.source_layer}, but that layer has not "
+                "produced one in this forward pass."
+            )
+        return indices
+
+    def extra_repr(self) -> str:
+        return f"source_layer={self.source_layer}"
+
+
+@dataclass
+class _IndexCacheState:
+    """What `apply_indexcache` leaves on a model so that it can be re-applied with another pattern."""
+
+    pattern: IndexCachePattern
+    removed: dict[int, nn.Module] = field(default_factory=dict)  # layer -> indexer, off the module tree
+    hooks: list = field(default_factory=list)
+
+
+class DSAAdapter:
+    """What the rest of the package needs to know about one DSA architecture."""
+
+    model_type: str
+    architecture: str
+
+    # ----------------------------------------------------------------------------------------- structure
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        inner = getattr(model, "model", model)
+        return inner.layers
+
+    def attention(self, model: nn.Module, layer: int) -> nn.Module:
+        return self.layers(model)[layer].self_attn
+
+    def indexer(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """The layer's own indexer, or None on an S layer."""
+        indexer = self.attention(model, layer).indexer
+        return None if indexer is None or isinstance(indexer, SharedTopK) else indexer
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.layers(model))
+
+    # ----------------------------------------------------------------------------------------- sharing
+    def apply(self, model: nn.Module, pattern: IndexCachePattern) -> None:
+        state: _IndexCacheState | None = getattr(model, "_indexcache", None)
+        if state is None:
+            state = _IndexCacheState(IndexCachePattern.all_full(self.num_layers(model)))
+            self._check_has_indexers(model)
+        for handle in state.hooks:
+            handle.remove()
+        state.hooks.clear()
+        for layer in range(self.num_layers(model)):
+            attention = self.attention(model, layer)
+            own = self.indexer(model, layer)
+            if pattern.is_full(layer):
+                if own is None:
+                    own = state.removed.pop(layer, None)
+                    if own is None:
+                        raise ValueError(
+                            f"Layer {layer} is F in {pattern} but the model has no indexer there (it was loaded "
+                            "without one): such a layer can only be S."
+                        )
+                attention.indexer = own
+            elif own is not None:
+                state.removed[layer] = own
+                attention.indexer = None
+        self._connect(model, pattern, state)
+        state.pattern = pattern
+        model._indexcache = state
+        model.config.update(pattern.to_config_dict())
+
+    def _check_has_indexers(self, model: nn.Module) -> None:
+        if all(self.indexer(model, layer) is None for layer in range(self.num_layers(model))):
+            raise ValueError(f"This {self.architecture} has no lightning indexer in any layer: nothing to share.")
+
+    def _connect(self, model: nn.Module, pattern: IndexCachePattern, state: _IndexCacheState) -> None:
+        """Wire each S layer to its F layer's top-k."""
+        raise NotImplementedError
+
+    def selection_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module whose forward output carries the layer's top-k (see `selection_from_output`)."""
+        raise NotImplementedError
+
+    def selection_from_output(self, output) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- training
+    def rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The indexer's RoPE on its rotary slice, q [B, L, H, r] and k [B, L, 1, r]."""
+        raise NotImplementedError
+
+    def indexer_projections(self, indexer: nn.Module, hidden_states: torch.Tensor, q_resid: torch.Tensor,
+                            position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> IndexerProjections:
+        """Recompute the indexer's q, k and weights from its inputs, differentiably, exactly as its forward
+        scores them: I = sum_h weights_h * relu(q_h . k) reproduces the scores it ranks for the top-k."""
+        batch, seq_len, _ = hidden_states.shape
+        query = indexer.wq_b(q_resid).view(batch, seq_len, indexer.n_heads, indexer.head_dim)
+        key = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)
+        rope = indexer.qk_rope_head_dim
+        q_rot, k_rot = self.rotate(query[..., :rope], key[..., :rope], *position_embeddings)
+        query = torch.cat([q_rot, query[..., rope:]], dim=-1) * indexer.softmax_scale
+        key = torch.cat([k_rot, key[..., rope:]], dim=-1).squeeze(2)
+        weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)) * indexer.n_heads**-0.5
+        return IndexerProjections(query, key, weights)
+
+
+class GlmMoeDsaAdapter(DSAAdapter):
+    model_type = "glm_moe_dsa"
+    architecture = "GlmMoeDsaForCausalLM"
+
+    def _connect(self, model, pattern, state):
+        # GlmMoeDsaModel passes each layer's top-k to the next one; an attention without indexer reuses it.
+        for layer in range(self.num_layers(model)):
+            self.attention(model, layer).skip_topk = not pattern.is_full(layer)
+
+    def selection_module(self, model, layer):
+        return self.attention(model, layer)
+
+    def selection_from_output(self, output):
+        return output[2]
+
+    def rotate(self, query, key, cos, sin):
+        from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
+
+        return apply_rotary_pos_emb_interleave(query, key, cos, sin, unsqueeze_dim=2)
+
+
+class DeepseekV32Adapter(DSAAdapter):
+    model_type = "deepseek_v32"
+    architecture = "DeepseekV32ForCausalLM"
+
+    def _connect(self, model, pattern, state):
+        relay = TopKRelay()
+        for source, served in pattern.groups.items():
+            indexer = self.indexer(model, source)
+            if served:
+                state.hooks.append(indexer.register_forward_hook(relay.record))
+            for layer in served:
+                self.attention(model, layer).indexer = SharedTopK(relay, layer, source)
+
+    def selection_module(self, model, layer):
+        return self.attention(model, layer).indexer
+
+    def selection_from_output(self, output):
+        return output
+
+    def rotate(self, query, key, cos, sin):
+        from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+
+        return apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
+
+
+ADAPTERS: dict[str, DSAAdapter] = {a.model_type: a for a in (GlmMoeDsaAdapter(), DeepseekV32Adapter())}
+
+
+def get_adapter(model: nn.Module) -> DSAAdapter:
+    """The adapter for a transformers DSA model, or a ValueError naming the supported architectures."""
+    config = getattr(model, "config", None)
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    if adapter is None:
+        supported = ", ".join(a.architecture for a in ADAPTERS.values())
+        raise ValueError(
+            f"IndexCache supports transformers' DSA models ({supported}); got {type(model).__name__} "
+            f"(model_type={getattr(config, 'model_type', None)!r})."
+        )
+    return adapter
+
+
+def apply_indexcache(model: nn.Module, pattern: IndexCachePattern | str | float) -> nn.Module:
+    """Switch a transformers DSA model to IndexCache, in place, and return it.
+
+    S layers reuse the top-k of the nearest F layer before them, and their indexers leave the module tree
+    (and so `state_dict()`). The config gets the pattern's keys, so `save_pretrained` writes a checkpoint
+    that transformers, vLLM and SGLang load with sharing on. `pattern` may be an `IndexCachePattern`, an
+    F/S string, or a retention ratio such as 0.25 (the paper's uniform FSSS...).
+    """
+    adapter = get_adapter(model)
+    adapter.apply(model, IndexCachePattern.coerce(pattern, adapter.num_layers(model)))
+    return model
+
+
+def current_pattern(model: nn.Module) -> IndexCachePattern:
+    """The pattern a model runs with: the one applied, else the one its config declares."""
+    state = getattr(model, "_indexcache", None)
+    return state.pattern if state is not None else IndexCachePattern.from_config(model.config)

@@ -1,0 +1,59 @@
+"""Plain PyTorch reference of the multi-layer indexer KL loss. It materialises every [L, L] tensor and is
+meant for tests and for the naive baseline of `scripts/bench_kl.py`, never for training.
+
+Student logits  I[b,t,s] = sum_h w[b,t,h] * relu(q_I[b,t,h] . k_I[b,s])
+Teacher         p[b,t,s] = mean_{g,h} softmax_s(scale * q_T[g,b,h,t] . k_T[g,b,h // (H/Hk),s])
+Loss            mean_{b,t} KL(p[b,t] || softmax_s(I[b,t]))
+
+Dense mode: the support of row t is every s <= t. Sparse mode: it is the set of valid entries of
+topk_indices[b,t] (-1 marks an empty slot), for the teacher's heads and the student alike.
+"""
+
+import torch
+
+
+def support_mask(batch: int, seq_len: int, device, topk_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, L, L]: True where key s is in query t's support."""
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    if topk_indices is None:
+        return causal.expand(batch, seq_len, seq_len)
+    valid = topk_indices >= 0
+    selected = torch.zeros(batch, seq_len, seq_len + 1, dtype=torch.bool, device=device)
+    # Empty slots scatter into a spare column that is dropped afterwards.
+    selected.scatter_(-1, torch.where(valid, topk_indices.long(), seq_len), True)
+    return selected[..., :seq_len] & causal
+
+
+def student_logits(index_q: torch.Tensor, index_k: torch.Tensor, index_weights: torch.Tensor) -> torch.Tensor:
+    """I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s]), as [B, L, L]."""
+    scores = torch.einsum("bthd,bsd->bths", index_q, index_k).relu()
+    return torch.einsum("bth,bths->bts", index_weights, scores)
+
+
+def teacher_probs(teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float,
+                  support: torch.Tensor) -> torch.Tensor:
+    """Head- and layer-averaged attention probabilities over `support`, as [B, L, L]."""
+    num_heads, num_kv_heads = teacher_q.shape[2], teacher_k.shape[2]
+    keys = teacher_k.repeat_interleave(num_heads // num_kv_heads, dim=2)
+    scores = torch.einsum("gbhtd,gbhsd->gbhts", teacher_q, keys) * teacher_scale
+    scores = scores.masked_fill(~support[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with an empty support give 0, not NaN
+    return probs.mean(dim=(0, 2))
+
+
+def reference_indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, *,
+                              topk_indices=None) -> torch.Tensor:
+    """Materialising reference of `indexcache_train.kernels.indexer_kl_loss`. Computes in at least fp32."""
+    dtype = torch.promote_types(index_q.dtype, torch.float32)
+    index_q, index_k, index_weights = (x.to(dtype) for x in (index_q, index_k, index_weights))
+    teacher_q, teacher_k = teacher_q.detach().to(dtype), teacher_k.detach().to(dtype)
+    batch, seq_len = index_q.shape[:2]
+    support = support_mask(batch, seq_len, index_q.device, topk_indices)
+
+    target = teacher_probs(teacher_q, teacher_k, teacher_scale, support)
+    # A finite fill keeps a row with an empty support NaN-free in the backward; its target is 0 anyway.
+    logits = student_logits(index_q, index_k, index_weights).masked_fill(~support, torch.finfo(dtype).min)
+    log_q = torch.log_softmax(logits, dim=-1)
+    inside = target > 0
+    kl = torch.where(inside, target * (target.clamp_min(1e-30).log() - log_q.masked_fill(~inside, 0.0)), 0.0)
+    return kl.sum(-1).mean()
