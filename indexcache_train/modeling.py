@@ -5,10 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV32Config, GlmMoeDsaConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV32Config,
+    GlmMoeDsaConfig,
+    PreTrainedTokenizerFast,
+)
 
 TINY_DSA = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+    vocab_size=257, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
     topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
     index_topk=8, index_head_dim=16, index_n_heads=4, first_k_dense_replace=1, max_position_embeddings=512,
@@ -46,3 +54,30 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", t
         name_or_path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
     )
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 bytes + <eos>) for randomly initialised tiny models, which have none."""
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+
+
+def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """From a `ModelConfig`: load `name_or_path`, or build `random_init` (a tiny config) for smoke runs."""
+    if cfg.name_or_path:
+        model = load_model(cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                           attn_implementation=cfg.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        return model, tokenizer
+    if not cfg.random_init:
+        raise ValueError("Set model.name_or_path to a DSA checkpoint (or model.random_init for a smoke run).")
+    torch.manual_seed(cfg.seed)
+    random_init = dict(cfg.random_init)
+    config = tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    dtype = resolve_dtype(cfg.dtype)
+    return (model if dtype == "auto" else model.to(dtype)), byte_tokenizer()

@@ -25,4 +25,4 @@ def model_type(request):
 
 @pytest.fixture
 def input_ids():
-    return torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))

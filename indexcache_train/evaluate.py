@@ -1,0 +1,222 @@
+"""`indexcache-eval`: what a pattern costs and what it saves.
+
+For a DSA model, a pattern and data, it reports:
+- the mean LM loss and perplexity with the pattern and with all layers F;
+- per S layer, on the all-F model: the **index overlap**, the fraction of the layer's own top-k that the
+  shared top-k (its F layer's) contains, and the **attention-mass recall**, the share of the layer's dense
+  attention probability that falls inside the shared top-k;
+- the fraction of indexer FLOPs removed.
+
+Only query rows with more than `index_topk` candidate keys count in the overlap and the recall: on the
+others every selection holds every key, and both would be 1 by construction.
+
+    indexcache-eval model.name_or_path=/path/to/dsa pattern=FSSSFSSS data.files=val.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from .adapters import apply_indexcache, get_adapter
+from .capture import AttentionCall, attention_taps, dense_attention_probs
+from .config import register_configs
+from .modeling import build_model_and_tokenizer
+from .pattern import IndexCachePattern
+
+
+@dataclass
+class SharedLayerStats:
+    layer: int
+    source: int
+    index_overlap: float
+    attention_recall: float
+
+
+@dataclass
+class EvalReport:
+    pattern: str
+    seq_len: int
+    num_sequences: int
+    lm_loss: float
+    perplexity: float
+    lm_loss_all_full: float | None
+    perplexity_all_full: float | None
+    indexer_flops_removed: float  # fraction of the all-F indexer FLOPs
+    indexer_gflops_per_sequence: float
+    indexer_gflops_per_sequence_all_full: float
+    shared_layers: list[SharedLayerStats] = field(default_factory=list)
+
+
+def valid_selection(topk_indices: torch.Tensor) -> torch.Tensor:
+    """[B, L, k] bool: slots that hold a real key (transformers pads short rows with indices > t)."""
+    query = torch.arange(topk_indices.shape[1], device=topk_indices.device)[None, :, None]
+    return (topk_indices >= 0) & (topk_indices <= query)
+
+
+def selection_mask(topk_indices: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B, L, num_keys] bool: True at the keys a row selected."""
+    valid = valid_selection(topk_indices)
+    mask = torch.zeros(*topk_indices.shape[:2], num_keys + 1, dtype=torch.bool, device=topk_indices.device)
+    mask.scatter_(-1, torch.where(valid, topk_indices.long(), num_keys), True)
+    return mask[..., :num_keys]
+
+
+def index_overlap(own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """Per row [B, L]: the fraction of `own`'s valid selection that `shared` contains."""
+    in_shared = selection_mask(shared, own.shape[1]).gather(-1, own.long().clamp(0, own.shape[1] - 1))
+    valid = valid_selection(own)
+    return (in_shared & valid).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def attention_recall(probs: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+    """Per row [B, L]: the attention mass of `probs` [B, L, L] inside `selection` [B, L, k]."""
+    return (probs * selection_mask(selection, probs.shape[-1])).sum(-1)
+
+
+def indexer_flops_per_layer(config, seq_len: int) -> float:
+    """One indexer's FLOPs on one causal sequence: its three projections and the L(L+1)/2 scored pairs."""
+    heads, dim = config.index_n_heads, config.index_head_dim
+    projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (dim + heads))
+    pairs = seq_len * (seq_len + 1) / 2
+    return projections + pairs * heads * (2 * dim + 2)  # dot products, then ReLU-weighted head sum
+
+
+def check_seq_len(config, seq_len: int) -> None:
+    if seq_len <= config.index_topk:
+        raise ValueError(
+            f"The sequence length ({seq_len}) must exceed the model's index_topk ({config.index_topk}): "
+            "shorter sequences select every key and sharing changes nothing."
+        )
+
+
+@torch.no_grad()
+def lm_loss(model, batches: Iterable[torch.Tensor], desc: str) -> float:
+    losses = [model(input_ids=ids, labels=ids).loss.float().item() for ids in tqdm(batches, desc=desc)]
+    if not losses:
+        raise ValueError("No evaluation batch: the data is empty.")
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePattern) -> list[SharedLayerStats]:
+    """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F."""
+    topk = model.config.index_topk
+    selections: dict[int, torch.Tensor] = {}
+    sums = {layer: torch.zeros(2, dtype=torch.float64) for layer in pattern.shared_layers}
+    rows = 0
+
+    def on_attention(call: AttentionCall) -> None:
+        selections[call.layer] = call.topk_indices
+        if call.layer in sums:
+            shared = selections[pattern.source_layer(call.layer)]
+            choosing = slice(topk, None)  # rows with more candidate keys than top-k slots
+            overlap = index_overlap(call.topk_indices, shared)[:, choosing]
+            recall = attention_recall(dense_attention_probs(call), shared)[:, choosing]
+            sums[call.layer] += torch.stack([overlap.sum(), recall.sum()]).double().cpu()
+
+    with attention_taps(model, on_attention):
+        for ids in tqdm(batches, desc="overlap and recall (all-F)"):
+            model(input_ids=ids)
+            rows += ids.shape[0] * (ids.shape[1] - topk)
+    return [
+        SharedLayerStats(layer, pattern.source_layer(layer), *(sums[layer] / rows).tolist())
+        for layer in pattern.shared_layers
+    ]
+
+
+def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | str | float) -> EvalReport:
+    """Evaluate `pattern` on `model` (left running with the pattern applied afterwards)."""
+    adapter = get_adapter(model)
+    pattern = IndexCachePattern.coerce(pattern, adapter.num_layers(model))
+    if not batches:
+        raise ValueError("No evaluation batch: the data is empty.")
+    seq_len = batches[0].shape[1]
+    check_seq_len(model.config, seq_len)
+    loss_full, stats = None, []
+    try:
+        apply_indexcache(model, IndexCachePattern.all_full(pattern.num_layers))
+    except ValueError as error:  # a checkpoint exported with S layers has no all-F form
+        print(f"Skipping the all-F reference: {error}")
+    else:
+        loss_full = lm_loss(model, batches, "LM loss (all-F)")
+        stats = sharing_stats(model, batches, pattern)
+    apply_indexcache(model, pattern)
+    loss = lm_loss(model, batches, f"LM loss ({pattern})")
+    per_layer = indexer_flops_per_layer(model.config, seq_len)
+    return EvalReport(
+        pattern=str(pattern), seq_len=seq_len, num_sequences=sum(b.shape[0] for b in batches),
+        lm_loss=loss, perplexity=math.exp(loss),
+        lm_loss_all_full=loss_full, perplexity_all_full=None if loss_full is None else math.exp(loss_full),
+        indexer_flops_removed=len(pattern.shared_layers) / pattern.num_layers,
+        indexer_gflops_per_sequence=per_layer * len(pattern.full_layers) / 1e9,
+        indexer_gflops_per_sequence_all_full=per_layer * pattern.num_layers / 1e9,
+        shared_layers=stats,
+    )
+
+
+def format_report(report: EvalReport) -> str:
+    lines = [f"pattern {report.pattern}  ({report.num_sequences} sequences of {report.seq_len} tokens)"]
+    if report.lm_loss_all_full is not None:
+        lines.append(f"LM loss   all-F {report.lm_loss_all_full:.4f} (ppl {report.perplexity_all_full:.2f})"
+                     f"   pattern {report.lm_loss:.4f} (ppl {report.perplexity:.2f})")
+    else:
+        lines.append(f"LM loss   pattern {report.lm_loss:.4f} (ppl {report.perplexity:.2f})")
+    lines.append(f"indexer FLOPs removed {report.indexer_flops_removed:.1%} "
+                 f"({report.indexer_gflops_per_sequence_all_full:.3g} -> {report.indexer_gflops_per_sequence:.3g} "
+                 "GFLOP per sequence)")
+    if report.shared_layers:
+        lines.append("S layer  source  index overlap  attention recall")
+        for s in report.shared_layers:
+            lines.append(f"{s.layer:>7}  {s.source:>6}  {s.index_overlap:>13.3f}  {s.attention_recall:>16.3f}")
+    return "\n".join(lines)
+
+
+def load_eval_batches(cfg, tokenizer, device: torch.device) -> list[torch.Tensor]:
+    from .data import build_dataloader, load_packed
+
+    packed = load_packed(files=cfg.data.files, hub_name=cfg.data.hub_name, seq_len=cfg.data.seq_len,
+                         tokenizer=tokenizer, split=cfg.data.split, text_field=cfg.data.text_field,
+                         max_records=cfg.data.max_records)
+    loader = build_dataloader(packed, cfg.data.batch_size, seed=cfg.data.seed, shuffle=False, drop_last=False)
+    batches = []
+    for batch in loader:
+        if cfg.num_batches is not None and len(batches) == cfg.num_batches:
+            break
+        batches.append(batch["input_ids"].to(device))
+    return batches
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> EvalReport:
+    device = resolve_device(cfg.device)
+    model, tokenizer = build_model_and_tokenizer(cfg.model)
+    model.to(device).eval()
+    batches = load_eval_batches(cfg, tokenizer, device)
+    report = evaluate(model, batches, cfg.pattern)
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), **asdict(report)},
+                                                 indent=2))
+    print(format_report(report))
+    print(f"Wrote {output / 'eval.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
