@@ -57,7 +57,7 @@ LN2 = 0.6931471805599453
 # Bytes of the [B, C, L] fp32 dI scratch of the Triton path (sets the query-chunk size C).
 _SCRATCH_BYTES = 1 << 30
 # Elements of the largest intermediate of the torch path ([B, H, C, L] scores per layer).
-_TORCH_BUDGET_ELEMS = 1 << 26
+_TORCH_BUDGET_ELEMS = 1 << 27
 
 
 def dense_flops(batch: int, seq_len: int, groups: int, heads: int, head_dim: int, index_heads: int,
