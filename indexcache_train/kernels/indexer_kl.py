@@ -1,0 +1,190 @@
+"""The multi-layer indexer KL loss: public entry points.
+
+For an F layer whose indexer serves G layers (itself and its S layers), with student logits
+I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]) and teacher attention p^g[t] of each served layer g:
+
+    indexer_kl_loss      = mean_t KL(p_bar[t] || softmax(I[t])),          p_bar = mean_g p^g
+    IndexerKLLoss.loss() = mean_t (1/G) sum_g KL(p^g[t] || softmax(I[t]))  (paper Eq. 1)
+
+Both have the same gradient, d/dI = softmax(I) - p_bar, because the loss is linear in each p^g; they differ
+by the constant Jensen gap. That linearity is what lets the trainer stream served layers one at a time.
+
+The kernels (`dense.py`, `sparse.py`) compute the loss and the gradients of the index tensors in the same
+pass ("gradient in the forward"). `_PrecomputedGradient` hands those to autograd, whose backward only
+scales them by grad_output, so `engine.backward(loss)` sees an ordinary loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .dense import dense_kl_accumulate
+from .sparse import sparse_kl_accumulate
+
+BACKENDS = ("triton", "torch")
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """A loss whose gradients w.r.t. the index tensors were computed in its forward."""
+
+    @staticmethod
+    def forward(ctx, loss, index_q, index_k, index_weights, d_index_q, d_index_k, d_index_weights):
+        ctx.save_for_backward(d_index_q, d_index_k, d_index_weights)
+        ctx.dtypes = (index_q.dtype, index_k.dtype, index_weights.dtype)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = tuple((grad_output * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return (None, *grads, None, None, None)
+
+
+def pick_backend(device: torch.device, backend: str | None = None) -> str:
+    """Triton on CUDA; on CPU the chunked torch path unless the Triton interpreter is asked for."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"Unknown KL backend {backend!r}; choose from {BACKENDS}.")
+        return backend
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "torch"
+
+
+def _check_index_tensors(index_q, index_k, index_weights) -> None:
+    if index_q.dim() != 4 or index_k.dim() != 3 or index_weights.dim() != 3:
+        raise ValueError(
+            "Expected index_q [B, L, Hi, Di], index_k [B, L, Di] and index_weights [B, L, Hi]; got "
+            f"{tuple(index_q.shape)}, {tuple(index_k.shape)} and {tuple(index_weights.shape)}."
+        )
+    batch, seq_len, heads, dim = index_q.shape
+    if index_k.shape != (batch, seq_len, dim) or index_weights.shape != (batch, seq_len, heads):
+        raise ValueError(
+            f"index_k must be {(batch, seq_len, dim)} and index_weights {(batch, seq_len, heads)} to match "
+            f"index_q {tuple(index_q.shape)}; got {tuple(index_k.shape)} and {tuple(index_weights.shape)}."
+        )
+    if seq_len == 0:
+        raise ValueError("The sequence is empty (L = 0).")
+    for name, tensor in (("index_k", index_k), ("index_weights", index_weights)):
+        if tensor.device != index_q.device:
+            raise ValueError(f"{name} is on {tensor.device} but index_q is on {index_q.device}.")
+
+
+def _check_teacher(index_q, teacher_q, teacher_k) -> None:
+    batch, seq_len = index_q.shape[:2]
+    if teacher_q.dim() != 5 or teacher_k.dim() != 5:
+        raise ValueError(
+            "Expected teacher_q [G, B, H, L, D] and teacher_k [G, B, Hk, L, D]; got "
+            f"{tuple(teacher_q.shape)} and {tuple(teacher_k.shape)}."
+        )
+    groups, tb, heads, tl, dim = teacher_q.shape
+    if (tb, tl) != (batch, seq_len) or teacher_k.shape[:2] != (groups, batch) or teacher_k.shape[3:] != (tl, dim):
+        raise ValueError(
+            f"Teacher shapes {tuple(teacher_q.shape)} / {tuple(teacher_k.shape)} do not fit B={batch}, L={seq_len}."
+        )
+    if heads % teacher_k.shape[2]:
+        raise ValueError(f"H={heads} query heads is not a multiple of Hk={teacher_k.shape[2]} key heads.")
+    if teacher_q.device != index_q.device or teacher_k.device != index_q.device:
+        raise ValueError("The teacher tensors must be on the index tensors' device.")
+
+
+def check_topk_indices(topk_indices: torch.Tensor, batch: int, seq_len: int) -> None:
+    """Sparse supports: [B, L, k] integers, -1 for an empty slot, else 0 <= s <= t."""
+    if topk_indices.dtype not in (torch.int32, torch.int64) or topk_indices.dim() != 3:
+        raise ValueError(f"topk_indices must be an int32/int64 [B, L, k] tensor; got {topk_indices.dtype} "
+                         f"{tuple(topk_indices.shape)}.")
+    if topk_indices.shape[:2] != (batch, seq_len):
+        raise ValueError(f"topk_indices is {tuple(topk_indices.shape)}, expected ({batch}, {seq_len}, k).")
+    query = torch.arange(seq_len, device=topk_indices.device)[None, :, None]
+    bad = (topk_indices < -1) | (topk_indices > query)
+    if bad.any():
+        b, t, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"topk_indices[{b}, {t}, {j}] = {int(topk_indices[b, t, j])} is outside [-1, {t}]: query t may only "
+            "select keys s <= t, and -1 marks an empty slot."
+        )
+
+
+class IndexerKLLoss:
+    """The layer-by-layer form: feed the served layers one at a time, so that only one teacher layer is held.
+
+        kl = IndexerKLLoss(index_q, index_k, index_weights, num_layers=G, topk_indices=None)
+        for layer in served_layers:            # as each layer's attention runs
+            kl.add_layer(teacher_q, teacher_k, scale)   # [B, H, L, D], [B, Hk, L, D]; freed by the caller after
+        loss = kl.loss()                       # mean over layers and rows; backward gives the index gradients
+    """
+
+    def __init__(self, index_q, index_k, index_weights, *, num_layers: int, topk_indices=None,
+                 backend: str | None = None):
+        _check_index_tensors(index_q, index_k, index_weights)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        batch, seq_len = index_q.shape[:2]
+        if topk_indices is not None:
+            check_topk_indices(topk_indices, batch, seq_len)
+        self.index_tensors = (index_q, index_k, index_weights)
+        self.num_layers, self.topk_indices = num_layers, topk_indices
+        self.backend = pick_backend(index_q.device, backend)
+        detached = [t.detach() for t in self.index_tensors]
+        self.grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in detached]
+        self.layer_losses: list[torch.Tensor] = []
+        self._rows = batch * seq_len
+
+    def add_layer(self, teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float) -> torch.Tensor:
+        """Add one served layer, teacher_q [B, H, L, D] and teacher_k [B, Hk, L, D]; returns its mean KL."""
+        if len(self.layer_losses) == self.num_layers:
+            raise RuntimeError(f"All {self.num_layers} served layers were already added.")
+        if teacher_q.dim() != 4 or teacher_k.dim() != 4:
+            raise ValueError("add_layer takes one layer: teacher_q [B, H, L, D] and teacher_k [B, Hk, L, D].")
+        teacher_q, teacher_k = teacher_q.unsqueeze(0), teacher_k.unsqueeze(0)
+        index_q, index_k, index_weights = (t.detach() for t in self.index_tensors)
+        _check_teacher(index_q, teacher_q, teacher_k)
+        # Each layer's KL is linear in its target; weight 1/G per layer gives the group's mean.
+        grad_scale = 1.0 / (self._rows * self.num_layers)
+        with torch.no_grad():
+            total = _accumulate(index_q, index_k, index_weights, teacher_q.detach(), teacher_k.detach(),
+                                teacher_scale, self.topk_indices, grad_scale, *self.grads, self.backend)
+        layer_loss = total / self._rows
+        self.layer_losses.append(layer_loss)
+        return layer_loss
+
+    def loss(self) -> torch.Tensor:
+        if len(self.layer_losses) != self.num_layers:
+            raise RuntimeError(f"{len(self.layer_losses)} of {self.num_layers} served layers were added.")
+        value = torch.stack(self.layer_losses).mean()
+        return _PrecomputedGradient.apply(value, *self.index_tensors, *self.grads)
+
+
+def _accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
+                grad_scale, d_q, d_k, d_w, backend) -> torch.Tensor:
+    use_triton = backend == "triton"
+    if topk_indices is None:
+        return dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
+                                   grad_scale, d_q, d_k, d_w, use_triton=use_triton)
+    return sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
+                                topk_indices, grad_scale, d_q, d_k, d_w, use_triton=use_triton)
+
+
+def indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float, *,
+                    topk_indices=None, backend: str | None = None) -> torch.Tensor:
+    """mean over the B*L query rows of KL(p_bar || softmax(I)), with gradients for the three index tensors.
+
+    index_q [B, L, Hi, Di], index_k [B, L, Di], index_weights [B, L, Hi]: the indexer, its scales folded in.
+    teacher_q [G, B, H, L, D], teacher_k [G, B, Hk, L, D]: the served layers' attention (H % Hk == 0), each
+    head's probabilities softmax(teacher_scale * q . k) over s <= t, or over `topk_indices` [B, L, k] in
+    sparse mode (-1 marks an empty slot). p_bar averages them over layers and heads. The teacher gets no
+    gradient. fp32 or bf16 inputs; nothing of size L x L is stored.
+    """
+    _check_index_tensors(index_q, index_k, index_weights)
+    _check_teacher(index_q, teacher_q, teacher_k)
+    batch, seq_len = index_q.shape[:2]
+    if topk_indices is not None:
+        check_topk_indices(topk_indices, batch, seq_len)
+    backend = pick_backend(index_q.device, backend)
+    index_tensors = (index_q, index_k, index_weights)
+    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in index_tensors]
+    with torch.no_grad():
+        total = _accumulate(*(t.detach() for t in index_tensors), teacher_q.detach(), teacher_k.detach(),
+                            teacher_scale, topk_indices, 1.0 / (batch * seq_len), *grads, backend)
+    return _PrecomputedGradient.apply(total / (batch * seq_len), *index_tensors, *grads)

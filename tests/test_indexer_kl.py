@@ -1,0 +1,95 @@
+"""The public KL entry points: dispatch, validation, autograd and the layer-by-layer form."""
+
+import pytest
+import torch
+
+from indexcache_train.kernels import IndexerKLLoss, indexer_kl_loss, reference_indexer_kl_loss
+
+
+def make_inputs(seed=0, batch=2, seq_len=37, index_heads=3, index_dim=16, groups=2, heads=4, kv_heads=2, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    index = [torch.randn(batch, seq_len, index_heads, index_dim, generator=g) / 2,
+             torch.randn(batch, seq_len, index_dim, generator=g) / 2,
+             torch.randn(batch, seq_len, index_heads, generator=g)]
+    teacher_q = torch.randn(groups, batch, heads, seq_len, dim, generator=g)
+    teacher_k = torch.randn(groups, batch, kv_heads, seq_len, dim, generator=g)
+    return [t.requires_grad_() for t in index], teacher_q, teacher_k
+
+
+def random_topk(batch, seq_len, k, seed=0):
+    """Distinct causal indices per row, -1 where a row has fewer than k keys."""
+    scores = torch.rand(batch, seq_len, seq_len, generator=torch.Generator().manual_seed(seed))
+    scores = scores.masked_fill(torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1), float("-inf"))
+    values, indices = scores.topk(k, dim=-1)
+    return torch.where(values.isinf(), -1, indices)
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_matches_reference_with_grad_output(backend, sparse):
+    index, tq, tk = make_inputs()
+    topk = random_topk(2, 37, 8) if sparse else None
+    ours = indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk, backend=backend)
+    ref = reference_indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads(2.5 * ours, index), grads(2.5 * ref, index)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_layer_by_layer_form_has_the_same_gradient(sparse):
+    index, tq, tk = make_inputs(groups=3)
+    topk = random_topk(2, 37, 8) if sparse else None
+    streamed = IndexerKLLoss(*index, num_layers=3, topk_indices=topk, backend="torch")
+    per_layer = [streamed.add_layer(tq[g], tk[g], 0.3) for g in range(3)]
+    loss = streamed.loss()
+    # The value is the paper's mean of per-layer KLs; the gradient is that of KL(mean target || q).
+    expected = torch.stack([reference_indexer_kl_loss(*index, tq[g:g + 1], tk[g:g + 1], 0.3, topk_indices=topk)
+                            for g in range(3)])
+    torch.testing.assert_close(torch.stack(per_layer), expected.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, expected.mean(), rtol=1e-4, atol=1e-5)
+    joint = reference_indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk)
+    assert joint < loss  # the Jensen gap
+    for a, b in zip(grads(loss, index), grads(joint, index)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_layer_by_layer_misuse():
+    index, tq, tk = make_inputs()
+    streamed = IndexerKLLoss(*index, num_layers=1, backend="torch")
+    with pytest.raises(RuntimeError, match="0 of 1"):
+        streamed.loss()
+    with pytest.raises(ValueError, match="one layer"):
+        streamed.add_layer(tq, tk, 0.3)
+    streamed.add_layer(tq[0], tk[0], 0.3)
+    with pytest.raises(RuntimeError, match="already added"):
+        streamed.add_layer(tq[0], tk[0], 0.3)
+
+
+def test_bad_indices_are_reported():
+    index, tq, tk = make_inputs()
+    topk = random_topk(2, 37, 8)
+    topk[1, 5, 2] = 6
+    with pytest.raises(ValueError, match=r"topk_indices\[1, 5, 2\] = 6 is outside \[-1, 5\]"):
+        indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk)
+    topk[1, 5, 2] = -2
+    with pytest.raises(ValueError, match="outside"):
+        indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk)
+    with pytest.raises(ValueError, match="int32/int64"):
+        indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk.float())
+
+
+def test_bad_shapes_are_reported():
+    index, tq, tk = make_inputs()
+    with pytest.raises(ValueError, match="index_k must be"):
+        indexer_kl_loss(index[0], index[1][:, :5], index[2], tq, tk, 0.3)
+    with pytest.raises(ValueError, match="not a multiple"):
+        indexer_kl_loss(*index, tq[:, :, :3], tk, 0.3)
+    with pytest.raises(ValueError, match="do not fit"):
+        indexer_kl_loss(*index, tq[..., :5, :], tk[..., :5, :], 0.3)
+    with pytest.raises(ValueError, match="Unknown KL backend"):
+        indexer_kl_loss(*index, tq, tk, 0.3, backend="cuda")
