@@ -284,6 +284,21 @@ def tune(L, G, a):
             "best": best}
 
 
+def write(out, report, meta):
+    if not out:
+        return
+    base = out
+    for suffix in (".md", ".json"):
+        base = base[: -len(suffix)] if base.endswith(suffix) else base
+    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    if "table" in report:
+        with open(base + ".md", "w") as f:
+            f.write(f"Device: {meta['device']}; torch {meta['torch']}; triton {meta['triton']}\n\n"
+                    f"Command: `{' '.join(meta['argv'])}`\n\n{report['table']}\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["dense", "sparse", "both"], default="both")
@@ -327,8 +342,8 @@ def main():
         if "sparse" in modes and indexer_kl_loss is None:
             print("sparse mode skipped: indexcache_train.kernels.indexer_kl_loss is not importable", flush=True)
             modes.remove("sparse")
-        for mode in modes:
-            for L in a.lengths:
+        for L in a.lengths:
+            for mode in modes:
                 for G in a.groups:
                     t = time.perf_counter()
                     try:
@@ -336,9 +351,14 @@ def main():
                     except Exception as e:  # keep the rest of the table
                         row = {"mode": mode, "L": L, "G": G, "error": f"{type(e).__name__}: {e}"[:300]}
                         print(json.dumps(row), flush=True)
+                        report.setdefault("errors", []).append(row)
+                        gc.collect()
+                        torch.cuda.empty_cache()
                         continue
                     rows.append(row)
                     print(markdown([row]).splitlines()[-1], f"  [{time.perf_counter() - t:.0f}s]", flush=True)
+                    report["rows"], report["table"] = rows, markdown(rows)
+                    write(a.out, report, meta)  # after every row, so a time-out keeps what was measured
         report["rows"] = rows
         table = markdown(rows)
         report["table"] = table
@@ -354,17 +374,7 @@ def main():
                 torch.cuda.empty_cache()
         print()
         print(table, flush=True)
-    if a.out:
-        base = a.out
-        for suffix in (".md", ".json"):
-            base = base[: -len(suffix)] if base.endswith(suffix) else base
-        os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
-        with open(base + ".json", "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        if "table" in report:
-            with open(base + ".md", "w") as f:
-                f.write(f"Device: {meta['device']}; torch {meta['torch']}; triton {meta['triton']}\n\n"
-                        f"Command: `{' '.join(sys.argv)}`\n\n{report['table']}\n")
+    write(a.out, report, meta)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# The same, usable inside @triton.jit functions (Triton only reads constexpr globals).
+_LOG2E_C = tl.constexpr(LOG2E)
+_LN2_C = tl.constexpr(LN2)
 
 # Bytes of the [B, C, L] fp32 dI scratch of the Triton path (sets the query-chunk size C).
 _SCRATCH_BYTES = 1 << 30
@@ -72,6 +75,11 @@ def dense_flops(batch: int, seq_len: int, groups: int, heads: int, head_dim: int
 # --------------------------------------------------------------------------------------------- Triton ----
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_settings(device: torch.device) -> bool:
+    """Interpreter tiles and fp32 casts: under TRITON_INTERPRET=1 or for CPU tensors."""
+    return _interpreting() or device.type != "cuda"
 
 
 def _split_dim(dim: int) -> tuple[int, int]:
@@ -151,7 +159,7 @@ def _student_lse_kernel(
             kt2 = _load_cols(kcols, n_mask, BDI1, BDI2, DI, CAST_FP32)
         logits = _index_logits(iq_rows, s_iq_h, iw_rows, s_iw_h, m_mask, kt1, kt2, HI, DI,
                                BDI1, BDI2, BLOCK_M, BLOCK_N, CAST_FP32)
-        x = tl.where(offs_n[None, :] <= offs_m[:, None], logits * LOG2E, float("-inf"))
+        x = tl.where(offs_n[None, :] <= offs_m[:, None], logits * _LOG2E_C, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
@@ -291,14 +299,14 @@ def _dense_loss_kernel(
             ikt2 = _load_cols(kcols, n_mask, BDI1, BDI2, DI, CAST_FP32)
         logits = _index_logits(iq_rows, s_iq_h, iw_rows, s_iw_h, m_mask, ikt1, ikt2, HI, DI,
                                BDI1, BDI2, BLOCK_M, BLOCK_N, CAST_FP32)
-        log2_q = tl.where(valid, logits * LOG2E - lse_i[:, None], 0.0)
+        log2_q = tl.where(valid, logits * _LOG2E_C - lse_i[:, None], 0.0)
         q = tl.where(valid, tl.exp2(log2_q), 0.0)
         # p = 0 (outside the support, or underflow) contributes 0 log 0 = 0.
         row_loss += tl.sum(tl.where(p > 0.0, p * (tl.log2(tl.maximum(p, 1e-38)) - log2_q), 0.0), axis=1)
         di_ptrs = di_ptr + b * s_di_b + (offs_m - t0)[:, None] * s_di_t + offs_n[None, :]
         tl.store(di_ptrs, q - p, mask=m_mask[:, None] & n_mask[None, :])
     pid = (b * tl.num_programs(1) + qb) * KSPLIT + split
-    tl.store(loss_ptr + pid, tl.sum(row_loss, axis=0) * LN2)
+    tl.store(loss_ptr + pid, tl.sum(row_loss, axis=0) * _LN2_C)
 
 
 @triton.jit
@@ -436,6 +444,8 @@ GPU_CONFIGS = {
     "dq": (128, 64, 8, 2),
     "dk": (64, 128, 8, 2),
 }
+# Head dims above 256 (absorbed MLA, 512 + 64) need narrower key tiles to fit in shared memory.
+GPU_CONFIGS_WIDE = {"teacher_lse": (64, 32, 4, 3), "loss": (128, 32, 8, 1)}
 CPU_CONFIGS = {name: (32, 32, 4, 1) for name in GPU_CONFIGS}
 
 
@@ -452,8 +462,10 @@ def _num_sms(device: torch.device) -> int:
 def _dense_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, grad_scale,
                   d_index_q, d_index_k, d_index_weights, *, chunk_rows=None, configs=None, ksplit=None,
                   head_splits=None) -> torch.Tensor:
-    interp = _interpreting() or index_q.device.type != "cuda"
+    interp = _interpreter_settings(index_q.device)
     cfg = dict(CPU_CONFIGS if interp else GPU_CONFIGS)
+    if not interp and teacher_q.shape[-1] > 256:
+        cfg.update(GPU_CONFIGS_WIDE)
     cfg.update(configs or {})
     cast = interp
 
