@@ -44,7 +44,6 @@ interpreter's bf16 dot and arithmetic are wrong.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
