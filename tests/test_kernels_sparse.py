@@ -17,6 +17,9 @@ from indexcache_train.kernels.sparse import sparse_kl_accumulate  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 PATHS = ["torch", "triton"]
+# Without a GPU the Triton path runs under the interpreter on CPU tensors; with one, the small cases run the
+# compiled kernels (fp32 operands) on CUDA copies.
+TRITON_DEVICE = "cuda" if CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
 
 
 def distinct_topk(batch, seq_len, k, generator, device="cpu", keep=0.7, dtype=torch.int64):
@@ -62,6 +65,10 @@ def reference_grads(index_q, index_k, index_weights, teacher_q, teacher_k, scale
 def run_kernel(path, index_q, index_k, index_weights, teacher_q, teacher_k, scale, idx, grad_scale=None,
                prefill=None):
     B, L = index_q.shape[:2]
+    home = index_q.device
+    if path == "triton" and home.type == "cpu":
+        index_q, index_k, index_weights, teacher_q, teacher_k, idx = (
+            x.to(TRITON_DEVICE) for x in (index_q, index_k, index_weights, teacher_q, teacher_k, idx))
     accs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (index_q, index_k, index_weights)]
     if prefill is not None:
         for a, p in zip(accs, prefill):
@@ -70,7 +77,7 @@ def run_kernel(path, index_q, index_k, index_weights, teacher_q, teacher_k, scal
     total = sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, scale, idx, grad_scale,
                                  *accs, use_triton=path == "triton")
     assert total.dtype == torch.float32 and total.dim() == 0 and not total.requires_grad
-    return total, accs
+    return total.to(home), [a.to(home) for a in accs]
 
 
 def rel_err(a, b):

@@ -29,8 +29,6 @@ All logits, probabilities, LSEs and accumulators are fp32; bf16/fp16 inputs feed
 Under TRITON_INTERPRET=1 (CPU) every load is cast to fp32, since the interpreter's bf16 dot is wrong.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -235,7 +233,7 @@ def _sparse_student_kernel(
             dq = tl.dot(gm, kk, dq, input_precision="ieee")
             dkc = tl.dot(tl.trans(gm), q, input_precision="ieee")  # [BK, DIP]
             tl.atomic_add(dk_base + idx[:, None] * s_dk_l + offs_d[None, :], dkc,
-                          mask=valid[:, None] & dmask[None, :])
+                          mask=valid[:, None] & dmask[None, :], sem="relaxed")
 
     # Each row's dQ / dW belong to this program alone: plain read-add-write.
     dq_ptrs = dq_ptr + b * s_dq_b + t * s_dq_l + offs_h[:, None] * s_dq_h + offs_d[None, :]
@@ -258,18 +256,16 @@ def _common_dtype(*xs: torch.Tensor):
     return [x if x.dtype == dtype else x.to(dtype) for x in xs]
 
 
-def _teacher_config(R: int, H: int, K: int, D: int, interpret: bool):
-    """(BH, BK, BD, USE_DOT, num_warps, num_stages) for the teacher kernel."""
-    use_dot = R >= 16
+def _teacher_config(R: int, H: int, K: int, D: int):
+    """(BH, BK, BD, USE_DOT, num_warps, num_stages) for the teacher kernel. Picked on an H200 (bf16, k=2048,
+    H=128, G=2, whole call): shared-key path BH=64 x BK=128 48.6 ms at L=8K D=576 (128 x 64: 57.9 ms,
+    128 x 128: 51.0 ms); per-head path BH=4 x BK=64 x BD=64 at 4 warps 295 ms at L=4K D=192 (16 x 32 x 32 at
+    8 warps: 444 ms). The interpreter runs the same tiles (fp32)."""
     BD = min(64, max(16, triton.next_power_of_2(D)))
-    if use_dot:
-        BH = min(64 if interpret else 128, triton.next_power_of_2(R))
-        BK = min(64, max(16, triton.next_power_of_2(K)))
-        return BH, BK, BD, True, 8, 2
-    BH = min(16, triton.next_power_of_2(H))
-    BK = min(32, max(16, triton.next_power_of_2(K)))
-    BD = min(BD, 32) if not interpret else BD
-    return BH, BK, BD, False, 8, 1
+    BK = min(128 if R >= 16 else 64, max(16, triton.next_power_of_2(K)))
+    if R >= 16:
+        return min(64, triton.next_power_of_2(R)), BK, BD, True, 8, 2
+    return min(4, triton.next_power_of_2(H)), BK, BD, False, 4, 1
 
 
 def _sparse_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
@@ -288,10 +284,10 @@ def _sparse_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, tea
     for acc in (d_index_q, d_index_k, d_index_weights):
         assert acc.dtype == torch.float32 and acc.stride(-1) == 1, "accumulators must be fp32, last dim contiguous"
 
-    BH, BK, BD, use_dot, t_warps, t_stages = config or _teacher_config(R, H, K, D, interpret)
+    BH, BK, BD, use_dot, t_warps, t_stages = config or _teacher_config(R, H, K, D)
     HIP = max(16, triton.next_power_of_2(Hi))
     DIP = max(16, triton.next_power_of_2(Di))
-    SBK = min(64, max(16, triton.next_power_of_2(K)))
+    SBK = min(64, max(16, triton.next_power_of_2(K)))  # H200, Hi x Di = 64 x 128: BK=64 16.5 ms, 32 19.1 ms at 8K
 
     rows = B * L
     chunk = max(1, min(rows, _PBAR_BUDGET_ELEMS // max(K, 1)))
@@ -315,7 +311,7 @@ def _sparse_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, tea
             *index_q.stride()[:3], *index_k.stride()[:2], *index_weights.stride()[:2], *topk_indices.stride(),
             *d_index_q.stride()[:3], *d_index_k.stride()[:2], *d_index_weights.stride()[:2],
             float(grad_scale),
-            HIP=HIP, DIP=DIP, BK=SBK, CAST_FP32=interpret, num_warps=8 if HIP * DIP >= 4096 else 4,
+            HIP=HIP, DIP=DIP, BK=SBK, CAST_FP32=interpret, num_warps=8 if HIP * DIP >= 2048 else 4,
         )
     return row_loss.sum(dtype=torch.float64).float()
 
