@@ -301,7 +301,7 @@ def _dense_loss_kernel(
         log2_q = tl.where(valid, logits * _LOG2E_C - lse_i[:, None], 0.0)
         q = tl.where(valid, tl.exp2(log2_q), 0.0)
         # p = 0 (outside the support, or underflow) contributes 0 log 0 = 0.
-        row_loss += tl.sum(tl.where(p > 0.0, p * (tl.log2(tl.maximum(p, 1e-38)) - log2_q), 0.0), axis=1)
+        row_loss += tl.sum(tl.where(p > 0.0, p * (tl.log2(tl.maximum(p, 1e-30)) - log2_q), 0.0), axis=1)
         di_ptrs = di_ptr + b * s_di_b + (offs_m - t0)[:, None] * s_di_t + offs_n[None, :]
         tl.store(di_ptrs, q - p, mask=m_mask[:, None] & n_mask[None, :])
     pid = (b * tl.num_programs(1) + qb) * KSPLIT + split
