@@ -74,7 +74,8 @@ def make_topk(B, L, k, device="cuda", seed=0):
     phase = torch.rand(L, 1, generator=gen, device=device)
     spread = torch.floor((j + phase) * (t + 1) / k).long()
     dense_rows = torch.where(j <= t, j, -1.0).long()
-    idx = torch.where(t >= k, spread, dense_rows).clamp(max=L - 1)
+    spread = torch.minimum(spread, t.long())  # float rounding may give t + 1 when the phase is near 1
+    idx = torch.where(t >= k, spread, dense_rows)
     return idx.to(torch.int32)[None].expand(B, L, k).contiguous()
 
 

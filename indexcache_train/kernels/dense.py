@@ -133,17 +133,17 @@ def _student_lse_kernel(
     iq_ptr, ik_ptr, iw_ptr, m_ptr, l_ptr,
     L, HI, DI,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h,
-    BDI1: tl.constexpr, BDI2: tl.constexpr, KSPLIT: tl.constexpr,
+    KSPLIT, BDI1: tl.constexpr, BDI2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
 ):
     """Pass A: partial (max, sum) of 2^(I log2 e) over key blocks split, split+j*KSPLIT, ... <= diagonal.
     Grid (KSPLIT, query blocks [heaviest first], B); the splits of a block run side by side and share its q."""
     split = tl.program_id(0)
     qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit address arithmetic (tensors beyond 2^31 elements)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < L
-    iq_rows = iq_ptr + b * s_iq_b + offs_m[:, None] * s_iq_t
+    iq_rows = iq_ptr + b * s_iq_b + offs_m.to(tl.int64)[:, None] * s_iq_t
     iw_rows = iw_ptr + b * s_iw_b + offs_m * s_iw_t
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -198,9 +198,9 @@ def _teacher_lse_kernel(
     Every row has its diagonal key, so the running max is finite after the first diagonal block."""
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    g = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    g = tl.program_id(2).to(tl.int64)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < L
     q_rows = tq_ptr + g * s_tq_g + b * s_tq_b + h * s_tq_h + offs_m[:, None] * s_tq_t
@@ -245,7 +245,7 @@ def _dense_loss_kernel(
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h,
     s_tq_g, s_tq_b, s_tq_h, s_tq_t, s_tk_g, s_tk_b, s_tk_h, s_tk_t, s_di_b, s_di_t,
     BDI1: tl.constexpr, BDI2: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr,
-    KSPLIT: tl.constexpr, KV_SHARED: tl.constexpr,
+    KSPLIT, KV_SHARED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
 ):
     """Pass B over the chunk's rows [t0, t1). Grid (KSPLIT, query blocks of the chunk, B). For one tile the
@@ -254,11 +254,11 @@ def _dense_loss_kernel(
     registers. With Hk = 1 the key tile is loaded once per layer and shared by all heads."""
     split = tl.program_id(0)
     qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit address arithmetic (tensors beyond 2^31 elements)
     offs_m = t0 + qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < t1
     lse_i = tl.load(lse_i_ptr + b * L + offs_m, mask=m_mask, other=0.0)
-    iq_rows = iq_ptr + b * s_iq_b + offs_m[:, None] * s_iq_t
+    iq_rows = iq_ptr + b * s_iq_b + offs_m.to(tl.int64)[:, None] * s_iq_t
     iw_rows = iw_ptr + b * s_iw_b + offs_m * s_iw_t
     row_loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_kb = tl.cdiv(tl.minimum(t0 + (qb + 1) * BLOCK_M, t1), BLOCK_N)
@@ -269,8 +269,9 @@ def _dense_loss_kernel(
         # ---- teacher: p = (1/GH) sum_{g,h} exp2(z * log2e - lse2)
         p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for g in range(G):
-            q_g = tq_ptr + g * s_tq_g + b * s_tq_b + offs_m[:, None] * s_tq_t
-            k_g = tk_ptr + g * s_tk_g + b * s_tk_b + offs_n * s_tk_t
+            g64 = tl.cast(g, tl.int64)
+            q_g = tq_ptr + g64 * s_tq_g + b * s_tq_b + offs_m[:, None] * s_tq_t
+            k_g = tk_ptr + g64 * s_tk_g + b * s_tk_b + offs_n * s_tk_t
             lse_g = lse_t_ptr + (g * tl.num_programs(2) + b) * H * L + offs_m
             if KV_SHARED:
                 kt1 = _load_cols(k_g, n_mask, 0, BD1, D, CAST_FP32)
@@ -278,17 +279,17 @@ def _dense_loss_kernel(
                 if BD2 > 0:
                     kt2 = _load_cols(k_g, n_mask, BD1, BD2, D, CAST_FP32)
                 for h in range(H):
-                    p += _teacher_probs(q_g + h * s_tq_h, m_mask, kt1, kt2, lse_g + h * L, D, qk_scale2,
-                                        BD1, BD2, CAST_FP32)
+                    p += _teacher_probs(q_g + tl.cast(h, tl.int64) * s_tq_h, m_mask, kt1, kt2, lse_g + h * L, D,
+                                        qk_scale2, BD1, BD2, CAST_FP32)
             else:
                 for h in range(H):
-                    k_h = k_g + (h // REP) * s_tk_h
+                    k_h = k_g + tl.cast(h // REP, tl.int64) * s_tk_h
                     kt1 = _load_cols(k_h, n_mask, 0, BD1, D, CAST_FP32)
                     kt2 = kt1
                     if BD2 > 0:
                         kt2 = _load_cols(k_h, n_mask, BD1, BD2, D, CAST_FP32)
-                    p += _teacher_probs(q_g + h * s_tq_h, m_mask, kt1, kt2, lse_g + h * L, D, qk_scale2,
-                                        BD1, BD2, CAST_FP32)
+                    p += _teacher_probs(q_g + tl.cast(h, tl.int64) * s_tq_h, m_mask, kt1, kt2, lse_g + h * L, D,
+                                        qk_scale2, BD1, BD2, CAST_FP32)
         p = tl.where(valid, p * inv_gh, 0.0)
         # ---- student: log2 q = I log2e - lseI2
         kcols = ik_ptr + b * s_ik_b + offs_n * s_ik_t
@@ -322,10 +323,10 @@ def _dense_dq_kernel(
     of a query block run together and read the same dI tiles from L2."""
     h = tl.program_id(0)
     qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit address arithmetic (tensors beyond 2^31 elements)
     offs_m = t0 + qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < t1
-    q_rows = iq_ptr + b * s_iq_b + offs_m[:, None] * s_iq_t + h * s_iq_h
+    q_rows = iq_ptr + b * s_iq_b + offs_m.to(tl.int64)[:, None] * s_iq_t + h * s_iq_h
     q1 = _load_rows(q_rows, m_mask, 0, BDI1, DI, CAST_FP32)
     q2 = q1
     if BDI2 > 0:
@@ -355,7 +356,7 @@ def _dense_dq_kernel(
         if BDI2 > 0:
             dq2 = tl.dot(ds, k2, dq2)
     # Each (rows, head) belongs to exactly one program across all chunks: a plain read-add-write suffices.
-    dq_rows = dq_ptr + b * s_dq_b + offs_m[:, None] * s_dq_t + h * s_dq_h
+    dq_rows = dq_ptr + b * s_dq_b + offs_m.to(tl.int64)[:, None] * s_dq_t + h * s_dq_h
     d = tl.arange(0, BDI1)
     ptrs = dq_rows + d[None, :]
     msk = m_mask[:, None] & (d[None, :] < DI)
@@ -374,14 +375,14 @@ def _dense_dk_kernel(
     iq_ptr, ik_ptr, iw_ptr, di_ptr, dk_ptr,
     t0, t1, HI, DI, grad_scale,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h, s_di_b, s_di_t, s_dk_b, s_dk_t,
-    BDI1: tl.constexpr, BDI2: tl.constexpr, HEADS_PER_PROG: tl.constexpr, ATOMIC: tl.constexpr,
+    HEADS_PER_PROG, BDI1: tl.constexpr, BDI2: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
 ):
     """dK of one key block over the chunk's query blocks and a slice of the index heads (dK needs a sum over
     all heads, so the heads are the inner loop: each dI tile is loaded once and reused by every head).
     Grid (key blocks [heaviest first], B, head splits); head splits add with fp32 atomics."""
     kb = tl.num_programs(0) - 1 - tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     h0 = tl.program_id(2) * HEADS_PER_PROG
     h1 = tl.minimum(h0 + HEADS_PER_PROG, HI)
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -403,7 +404,7 @@ def _dense_dk_kernel(
         valid = (offs_n[None, :] <= offs_m[:, None]) & m_mask[:, None]
         g = tl.load(di_ptr + b * s_di_b + (offs_m - t0)[:, None] * s_di_t + offs_n[None, :], mask=valid,
                     other=0.0)
-        q_rows = iq_ptr + b * s_iq_b + offs_m[:, None] * s_iq_t
+        q_rows = iq_ptr + b * s_iq_b + offs_m.to(tl.int64)[:, None] * s_iq_t
         w_rows = iw_ptr + b * s_iw_b + offs_m * s_iw_t
         for h in range(h0, h1):
             q1 = _load_rows(q_rows + h * s_iq_h, m_mask, 0, BDI1, DI, CAST_FP32)
@@ -436,12 +437,13 @@ def _dense_dk_kernel(
 
 # ------------------------------------------------------------------------------------- launch helper ----
 # Tile configs: (BLOCK_M, BLOCK_N, num_warps, num_stages). Interpreter configs use large tiles (fast on CPU).
+# Chosen by `scripts/bench_kl.py --tune` on an H200 (L = 8K, G = 2, H = 128, D = 192, Hi = 64, Di = 128).
 GPU_CONFIGS = {
     "student_lse": (128, 128, 8, 3),
-    "teacher_lse": (128, 128, 8, 2),
-    "loss": (128, 64, 8, 2),
-    "dq": (128, 64, 8, 2),
-    "dk": (64, 128, 8, 2),
+    "teacher_lse": (128, 64, 4, 2),
+    "loss": (128, 128, 8, 2),
+    "dq": (64, 64, 4, 3),
+    "dk": (64, 64, 4, 3),
 }
 # Head dims above 256 (absorbed MLA, 512 + 64) need narrower key tiles to fit in shared memory.
 GPU_CONFIGS_WIDE = {"teacher_lse": (64, 32, 4, 3), "loss": (128, 32, 8, 1)}
