@@ -31,11 +31,9 @@ Triton path (nothing L x L is stored; memory is O(L) plus one [B, C, L] fp32 scr
   Since every tile of pass B only needs the two LSEs, tiles are independent and the key blocks of one query
   block are spread over several programs (KSPLIT): the chunk's rows alone would not fill the GPU at 128K.
 
-FLOPs (causal, L^2/2 pairs per head, 2 per multiply-add), with the student counted per kernel that
-recomputes a = q_I . k_I:
-  teacher: 2 passes (LSE, pass B) x G x H x D x L^2       student: 5 x Hi x Di x L^2
-  (pass A, pass B, dq-kernel [a and dQ], dk-kernel [a and dK] = 1 + 1 + 2 + 2 = 6 dots of Hi*Di*L^2 over 2)
-  i.e. student = 6 x Hi x Di x L^2 / 2 x 2 = 6 x Hi x Di x L^2.  See `dense_flops`.
+FLOPs (causal: P = L (L+1) / 2 pairs per head; 2 FLOPs per multiply-add), see `dense_flops`:
+  teacher: 2 passes (LSE, pass B) x G x H x 2D x P
+  student: 6 x Hi x 2Di x P   (pass A, pass B, the dq kernel's a and dQ, the dk kernel's a and dK)
 
 Numerics: fp32 for logits, probabilities, LSEs and accumulators; bf16/fp16 inputs feed `tl.dot` natively on
 a GPU (fp32 inputs use TF32 there). Under TRITON_INTERPRET=1 every load is cast to fp32, since the
