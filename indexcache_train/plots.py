@@ -3,6 +3,7 @@ state, no display needed, safe in a headless job or a notebook kernel."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -69,21 +70,48 @@ def plot_heatmap(matrix: np.ndarray, path: str | Path, *, title: str, xlabel: st
     return _save(figure, path)
 
 
+def layer_keys(record: dict, prefix: str) -> list[str]:
+    """The "{prefix}{layer}" keys of a record, in layer order (e.g. prefix "kl/layer")."""
+    keys = [k for k in record if k.startswith(prefix) and k[len(prefix):].isdigit()]
+    return sorted(keys, key=lambda k: int(k[len(prefix):]))
+
+
 def plot_training_curves(metrics: list[dict], path: str | Path) -> Path:
-    """Loss, per-layer KL and per-layer recall against the step, from a trainer's metrics.jsonl rows."""
+    """Loss, per-layer KL and per-layer recall against the step, from a trainer's metrics.jsonl rows; a dotted
+    line marks each change of stage (dense -> sparse)."""
     figure = Figure(figsize=(13, 3.8))
     panels = figure.subplots(1, 3)
     steps = [m["step"] for m in metrics]
-    panels[0].plot(steps, [m.get("loss") for m in metrics], color="tab:blue")
+    panels[0].plot(steps, [m.get("loss", np.nan) for m in metrics], color="tab:blue")
     panels[0].set_title("distillation loss")
+    every_key = {k: None for m in metrics for k in m}
     for panel, prefix in zip(panels[1:], ("kl/layer", "recall/layer")):
-        keys = sorted({k for m in metrics for k in m if k.startswith(prefix)}, key=lambda k: int(k[len(prefix):]))
+        keys = layer_keys(every_key, prefix)
         for key in keys:
             panel.plot(steps, [m.get(key, np.nan) for m in metrics], label=key.split("/")[1])
         panel.set_title(prefix.split("/")[0] + " per served layer")
         if keys:
             panel.legend(fontsize=7, ncol=2)
+    changes = [m["step"] for previous, m in pairwise(metrics) if m.get("stage") != previous.get("stage")]
     for panel in panels:
+        for step in changes:
+            panel.axvline(step - 0.5, color="gray", linestyle=":", linewidth=1)
         panel.set_xlabel("step")
         panel.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_before_after(before: dict, after: dict, path: str | Path) -> Path:
+    """Per-layer KL and attention recall before and after distillation, as grouped bars."""
+    figure = Figure(figsize=(10, 3.6))
+    for panel, prefix in zip(figure.subplots(1, 2), ("kl/layer", "recall/layer")):
+        keys = layer_keys({**before, **after}, prefix)
+        positions = np.arange(len(keys))
+        for shift, (label, record) in zip((-0.2, 0.2), (("before", before), ("after", after))):
+            panel.bar(positions + shift, [record.get(k, np.nan) for k in keys], width=0.4, label=label)
+        panel.set_xticks(positions, [k[len(prefix):] for k in keys])
+        panel.set_xlabel("layer")
+        panel.set_title(prefix.split("/")[0] + " per layer")
+        panel.grid(alpha=0.3, axis="y")
+        panel.legend(fontsize=8)
     return _save(figure, path)

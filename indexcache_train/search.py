@@ -81,6 +81,7 @@ class DecoderStack:
         self.passes_topk = "prev_topk_indices" in inspect.signature(first_layer.forward).parameters
         self.layer_forwards = 0
 
+    @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> LayerState:
         return LayerState(0, self.decoder.embed_tokens(input_ids))
 
@@ -92,11 +93,12 @@ class DecoderStack:
                                   position_ids=position_ids, allow_is_causal_skip=False)
         return StackInputs(position_ids, self.decoder.rotary_emb(hidden, position_ids=position_ids), mask)
 
-    def run(self, state: LayerState, stop: int, inputs: StackInputs | None = None) -> LayerState:
+    @torch.no_grad()
+    def run(self, state: LayerState, stop: int) -> LayerState:
         """Run layers state.layer .. stop-1 with the model's current pattern."""
         if state.layer == stop:
             return state
-        inputs = inputs or self.inputs(state.hidden)
+        inputs = self.inputs(state.hidden)
         self._share_into(state.layer, state.prev_topk)
         hidden, topk = state.hidden, state.prev_topk
         layers = self.adapter.layers(self.model)
@@ -111,6 +113,7 @@ class DecoderStack:
         self.layer_forwards += stop - state.layer
         return LayerState(stop, hidden, topk)
 
+    @torch.no_grad()
     def loss(self, state: LayerState, labels: torch.Tensor) -> float:
         """The LM loss from the last layer's output, through the model's final norm, head and loss function."""
         if state.layer != self.num_layers:
@@ -164,10 +167,10 @@ class SearchState:
     def block_steps(self, block: int) -> list[Step]:
         return [s for s in self.steps if s.block == block]
 
-    def block_pattern(self, block: int, steps: int | None = None) -> IndexCachePattern:
-        """All-F with the first `steps` switches of `block` (all of them by default)."""
+    def block_pattern(self, block: int) -> IndexCachePattern:
+        """All-F but for the switches made so far in `block`."""
         layers = ["F"] * self.num_layers
-        for step in self.block_steps(block)[:steps]:
+        for step in self.block_steps(block):
             layers[step.layer] = "S"
         return IndexCachePattern("".join(layers))
 
@@ -194,9 +197,9 @@ def block_quotas(blocks: list[list[int]], num_layers: int, num_full: int | None,
     return [max(int(b == 0), math.floor(ratio * len(block) + 0.5)) for b, block in enumerate(blocks)]
 
 
-@torch.no_grad()
 def score_candidates(stack: DecoderStack, batches: list[torch.Tensor], pattern: IndexCachePattern,
-                     candidates: list[int], anchor: list[LayerState], desc: str) -> tuple[dict[int, float], list[LayerState]]:
+                     candidates: list[int], anchor: list[LayerState],
+                     desc: str) -> tuple[dict[int, float], list[LayerState]]:
     """Mean loss of `pattern` with each candidate switched to S, forking each candidate's forward from the
     walk of `pattern` at the candidate's layer. `anchor` holds every batch's state at or below the first
     candidate; returns the losses and the states at the first candidate, the anchor of the next step."""
@@ -374,10 +377,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 def format_summary(state: SearchState, result: dict) -> str:
-    lines = [f"all-F loss {state.all_full_loss:.4f}", "freq  searched pattern                  loss"]
-    lines += [f"1/{s['freq']:<3} {s['pattern']:<32} {s['loss']:.4f}" for s in result["searched"]]
-    lines += ["uniform references:"]
-    lines += [f"1/{u['freq']:<3} {u['pattern']:<32} {u['loss']:.4f}  ({u['convention']})" for u in result["uniform"]]
+    rows = [("searched", s) for s in result["searched"]]
+    rows += [(f"uniform, {u['convention']}", u) for u in result["uniform"]]
+    rows.sort(key=lambda row: row[1]["freq"])
+    lines = [f"all-F loss {state.all_full_loss:.4f}", f"{'retention':<10} {'F':>3}  {'pattern':<32} {'loss':>8}  kind"]
+    lines += [f"1/{r['freq']:<8} {r['num_full']:>3}  {r['pattern']:<32} {r['loss']:>8.4f}  {kind}" for kind, r in rows]
     cost = result["cost"]
     lines.append(f"cost: {cost['search_layer_forwards']} layer-forwards = {cost['search_full_pass_equivalents']:.1f} "
                  f"full passes, against {cost['naive_full_passes']} for plain greedy "

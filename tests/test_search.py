@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_search_nests_keeps_layer_0_and_counts_its_layer_forwards():
 
     patterns = [IndexCachePattern(s.pattern) for s in state.steps]
     assert [len(p.full_layers) for p in patterns] == [5, 4, 3, 2, 1] and str(patterns[-1]) == "FSSSSS"
-    for before, after in zip(patterns, patterns[1:]):
+    for before, after in pairwise(patterns):
         assert set(before.shared_layers) < set(after.shared_layers)
     for step in state.steps:
         assert step.loss == min(step.candidates.values()) == step.candidates[str(step.layer)]
