@@ -120,7 +120,12 @@ class DSAAdapter:
         self._connect(model, pattern, state)
         state.pattern = pattern
         model._indexcache = state
-        model.config.update(pattern.to_config_dict())
+        keys = pattern.to_config_dict()
+        if "index_topk_freq" not in keys:  # a previous uniform schedule would contradict the new pattern
+            for stale in ("index_topk_freq", "index_skip_topk_offset"):
+                if hasattr(model.config, stale):
+                    delattr(model.config, stale)
+        model.config.update(keys)
 
     def _check_has_indexers(self, model: nn.Module) -> None:
         if all(self.indexer(model, layer) is None for layer in range(self.num_layers(model))):

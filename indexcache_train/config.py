@@ -28,6 +28,7 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 2
     max_records: int | None = None
+    eval_files: Any = None  # held-out files for the before/after table; default: the stdlib validation split
     seed: int = 0
 
 
@@ -41,8 +42,64 @@ class EvalConfig:
     output_dir: str = "outputs/eval"
 
 
+@dataclass
+class DistillConfig:
+    pattern: Any = 0.25  # an F/S string, or a retention ratio (uniform, the paper's FSSS...)
+    stage: str = "dense"  # dense | sparse | schedule (dense for `dense_steps`, then sparse)
+    dense_steps: int = 0
+    kl_backend: str | None = None  # None: Triton on GPU, chunked torch on CPU
+    recall_rows: int = 64  # query rows per layer for the logged attention-mass recall; 0 turns it off
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    lr_decay_steps: int | None = None  # the cosine's horizon; None: max_steps. Fix it to extend a run later.
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    gradient_clipping: float = 1.0
+    save_every: int = 200  # optimizer steps; a run that ends always saves
+    eval_batches: int = 4  # validation batches for the before/after table; 0 skips it
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    bf16: Any = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    config: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # wandb mode: online | offline | disabled
+    project: str = "indexcache"
+    name: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    output_dir: str = "outputs/train"
+    resume: str | None = None  # auto: continue from the latest checkpoint in output_dir, if any; or a path
+    export: bool = True  # write ${output_dir}/export at the end
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="eval_schema", node=EvalConfig)
-    store.store(group="model", name="model_schema", node=ModelConfig)
-    store.store(group="data", name="data_schema", node=DataConfig)
+    store.store(name="train_schema", node=TrainConfig)
+    for group, node in (("model", ModelConfig), ("data", DataConfig), ("distill", DistillConfig),
+                        ("trainer", TrainerConfig), ("deepspeed", DeepSpeedConfig), ("logger", LoggerConfig)):
+        store.store(group=group, name=f"{group}_schema", node=node)

@@ -42,14 +42,15 @@ class _PrecomputedGradient(torch.autograd.Function):
 
 
 def pick_backend(device: torch.device, backend: str | None = None) -> str:
-    """Triton on CUDA; on CPU the chunked torch path unless the Triton interpreter is asked for."""
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"Unknown KL backend {backend!r}; choose from {BACKENDS}.")
-        return backend
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return "triton"
-    return "torch"
+    """Triton on CUDA, the chunked torch path on CPU. `backend="triton"` on CPU tensors runs the kernels in
+    Triton's interpreter, which needs TRITON_INTERPRET=1 before the kernels are imported (tests do that)."""
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown KL backend {backend!r}; choose from {BACKENDS}.")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("The Triton backend on CPU tensors needs TRITON_INTERPRET=1, set before import.")
+    return backend
 
 
 def _check_index_tensors(index_q, index_k, index_weights) -> None:

@@ -1,0 +1,123 @@
+"""The distillation step: one frozen forward, gradients born inside it.
+
+The base model is frozen and each F layer's indexer reads detached inputs, so no backward pass ever goes
+through the transformer. During a single no-grad forward:
+
+1. an F layer's indexer runs natively and picks the top-k that its whole group attends to; a hook then
+   recomputes the indexer's q, k and weights with gradients (the only graph of the step) and opens an
+   `IndexerKLLoss` for the group;
+2. as each layer of the group runs its attention, the attention tap hands its query and key states to the
+   group's KL, which computes that layer's loss term and index gradients in one kernel pass; the teacher
+   tensors are then free to go;
+3. the loss is the sum over F layers of their groups' mean KL, and its backward only scales the stored
+   gradients through each indexer's projections. DeepSpeed's `engine.backward` sees an ordinary loss.
+
+Stages: `dense` distils the full causal attention of each served layer; `sparse` distils the attention
+renormalised over the F layer's top-k, the set every layer of the group actually attends to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import apply_indexcache, current_pattern, get_adapter
+from .capture import AttentionCall, attention_taps
+from .evaluate import valid_selection
+from .kernels import IndexerKLLoss
+from .pattern import IndexCachePattern
+
+STAGES = ("dense", "sparse")
+
+
+def causal_topk(topk_indices: torch.Tensor) -> torch.Tensor:
+    """transformers pads rows shorter than k with indices > t; the kernels want -1 there."""
+    return torch.where(valid_selection(topk_indices), topk_indices, -1).to(torch.int32)
+
+
+def sampled_recall(call: AttentionCall, selection: torch.Tensor, rows: int) -> torch.Tensor:
+    """Attention-mass recall of `selection` on the last `rows` queries (those with the most keys), from the
+    dense probabilities of those rows only, so that the metric stays cheap at long context."""
+    seq_len = call.query.shape[2]
+    queries = torch.arange(max(seq_len - rows, 0), seq_len, device=call.query.device)
+    scores = torch.matmul(call.query[:, :, queries].float(), call.key.float().transpose(-1, -2)) * call.scaling
+    causal = torch.arange(seq_len, device=scores.device)[None, :] <= queries[:, None]
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=1)  # [B, rows, L]
+    chosen = selection[:, queries].long()
+    valid = (chosen >= 0) & (chosen <= queries[None, :, None])
+    return (probs.gather(-1, chosen.clamp_min(0)) * valid).sum(-1).mean()
+
+
+class IndexerDistillation(nn.Module):
+    """Wraps a transformers DSA model for distillation; `forward(input_ids)` returns the loss and metrics.
+
+    It is the module DeepSpeed wraps: its parameters are the model's, of which only the F-layer indexers
+    train (`freeze()` sets that up and checks it).
+    """
+
+    def __init__(self, model: nn.Module, pattern: IndexCachePattern | str | float, *, stage: str = "dense",
+                 kl_backend: str | None = None, recall_rows: int = 64):
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"Unknown distillation stage {stage!r}; choose from {STAGES}.")
+        self.model = apply_indexcache(model, pattern)
+        self.adapter = get_adapter(model)
+        self.pattern = current_pattern(model)
+        self.stage, self.kl_backend, self.recall_rows = stage, kl_backend, recall_rows
+
+    @property
+    def indexers(self) -> dict[int, nn.Module]:
+        return {layer: self.adapter.indexer(self.model, layer) for layer in self.pattern.full_layers}
+
+    def freeze(self) -> dict[str, int]:
+        """Freeze everything but the F-layer indexers; return the parameter counts."""
+        self.model.requires_grad_(False)
+        for indexer in self.indexers.values():
+            indexer.requires_grad_(True)
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        expected = {id(p) for indexer in self.indexers.values() for p in indexer.parameters()}
+        assert trainable == expected, "only the F-layer indexers may train"
+        counts = {"trainable": 0, "frozen": 0}
+        for p in self.parameters():
+            counts["trainable" if p.requires_grad else "frozen"] += _numel(p)
+        return counts
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        groups: dict[int, IndexerKLLoss] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        sparse = self.stage == "sparse"
+
+        def open_group(indexer: nn.Module, args, output: torch.Tensor) -> None:
+            hidden_states, q_resid, position_embeddings = args[:3]
+            with torch.enable_grad():
+                projections = self.adapter.indexer_projections(indexer, hidden_states.detach(), q_resid.detach(),
+                                                               position_embeddings)
+            layer = indexer.layer_idx
+            groups[layer] = IndexerKLLoss(
+                projections.query, projections.key, projections.weights,
+                num_layers=1 + len(self.pattern.groups[layer]),
+                topk_indices=causal_topk(output) if sparse else None, backend=self.kl_backend,
+            )
+
+        def add_layer(call: AttentionCall) -> None:
+            source = self.pattern.source_layer(call.layer)
+            metrics[f"kl/layer{call.layer}"] = groups[source].add_layer(call.query, call.key, call.scaling)
+            if self.recall_rows:
+                metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows)
+
+        hooks = [indexer.register_forward_hook(open_group) for indexer in self.indexers.values()]
+        try:
+            with torch.no_grad(), attention_taps(self.model, add_layer):
+                # The inner model runs every layer; the LM head's logits are not needed.
+                getattr(self.model, "model", self.model)(input_ids=input_ids, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        group_losses = {layer: kl.loss() for layer, kl in groups.items()}
+        for layer, loss in group_losses.items():
+            metrics[f"kl_group/layer{layer}"] = loss.detach()
+        return torch.stack(list(group_losses.values())).sum(), metrics
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions leave p.numel() == 0

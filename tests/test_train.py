@@ -1,0 +1,93 @@
+"""The trainer on CPU: DeepSpeed over gloo, Hydra configs, checkpoints, exact resume, NaN stop, export."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from indexcache_train import distill, train
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def smoke_config(output_dir, *overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose("train", overrides=["experiment=smoke", f"output_dir={output_dir}", *overrides])
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_run_distils_and_exports(tmp_path):
+    summary = train.train(smoke_config(tmp_path))
+    before, after = summary["before"], summary["after"]
+    assert after["kl_group/layer0"] < before["kl_group/layer0"]
+    metrics = read_metrics(tmp_path)
+    assert [m["stage"] for m in metrics] == ["dense"] * 3 + ["sparse"] * 3
+    assert {"loss", "kl/layer1", "recall/layer1", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib"} <= set(metrics[0])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert exported.config.index_topk_pattern == "FSFS"
+    assert not any(".layers.1.self_attn.indexer" in k for k in exported.state_dict())
+    trained = load_file(tmp_path / "checkpoints" / "step6" / "trainable.safetensors")
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in trained.items())
+    assert "FSFS" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["trainer.lr_decay_steps=6", "export=false", "trainer.eval_batches=0"]
+    train.train(smoke_config(straight, "trainer.max_steps=6", *common))
+    train.train(smoke_config(split, "trainer.max_steps=3", *common))
+    train.train(smoke_config(split, "trainer.max_steps=6", "resume=auto", *common))
+    final = "checkpoints/step6/trainable.safetensors"
+    a, b = load_file(straight / final), load_file(split / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda path: [(m["step"], m["loss"]) for m in read_metrics(path)]  # noqa: E731
+    assert losses(straight) == losses(split)
+
+
+def test_existing_checkpoints_are_not_overwritten(tmp_path):
+    train.train(smoke_config(tmp_path, "trainer.max_steps=1", "export=false", "trainer.eval_batches=0"))
+    with pytest.raises(FileExistsError, match="resume=auto"):
+        train.train(smoke_config(tmp_path, "trainer.max_steps=1", "export=false", "trainer.eval_batches=0"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = []
+    forward = distill.IndexerDistillation.forward
+
+    def poisoned(self, input_ids):
+        calls.append(1)
+        loss, metrics = forward(self, input_ids)
+        return (loss * float("nan") if len(calls) == 4 else loss), metrics
+
+    monkeypatch.setattr(distill.IndexerDistillation, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"nan at step 4.*step3 \(untouched\)"):
+        train.train(smoke_config(tmp_path, "trainer.eval_batches=0"))
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step3"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step3"]
+    assert load_file(checkpoints / "step3" / "trainable.safetensors")
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_rank_deepspeed(tmp_path, zero_stage):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29600 + zero_stage}",
+               "-m", "indexcache_train.train", "experiment=smoke", f"deepspeed=zero{zero_stage}",
+               f"output_dir={tmp_path}", "trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_batches=1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert {"latest", "step1", "step2"} <= {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert exported.config.index_topk_pattern == "FSFS"
