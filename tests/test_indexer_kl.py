@@ -33,11 +33,15 @@ def grads(loss, tensors):
 def test_matches_reference_with_grad_output(backend, sparse):
     index, tq, tk = make_inputs()
     topk = random_topk(2, 37, 8) if sparse else None
+    if backend == "triton" and torch.cuda.is_available():  # native kernels, fp32 so the tolerance holds
+        index = [t.detach().cuda().requires_grad_() for t in index]
+        tq, tk, topk = tq.cuda(), tk.cuda(), None if topk is None else topk.cuda()
     ours = indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk, backend=backend)
     ref = reference_indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    tf32 = index[0].is_cuda  # fp32 tl.dot runs in TF32 on GPU: ~1e-3 relative error
+    torch.testing.assert_close(ours, ref, rtol=1e-2 if tf32 else 1e-4, atol=1e-5)
     for a, b in zip(grads(2.5 * ours, index), grads(2.5 * ref, index)):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=2e-2 if tf32 else 1e-3, atol=1e-4 if tf32 else 1e-5)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
