@@ -31,6 +31,7 @@ from .evaluate import attention_recall, check_seq_len, index_overlap, load_eval_
 from .modeling import build_model_and_tokenizer
 from .pattern import IndexCachePattern
 from .plots import plot_heatmap
+from .config import CONFIG_DIR
 from .search_config import register_search_configs
 
 
@@ -122,7 +123,7 @@ def run(cfg: DictConfig) -> LayerPairs:
 register_search_configs()
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="analyze")
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="analyze")
 def main(cfg: DictConfig) -> LayerPairs:
     return run(cfg)
 

@@ -4,9 +4,13 @@ in an override fails at start-up rather than deep inside a run."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+# Absolute, so that Hydra finds the configs from console scripts too (it reads a relative path as a module).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
-from .config import register_configs
+from .config import CONFIG_DIR, register_configs
 from .modeling import build_model_and_tokenizer
 from .pattern import IndexCachePattern
 
@@ -202,7 +202,7 @@ def resolve_device(name: str) -> torch.device:
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="eval")
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> EvalReport:
     device = resolve_device(cfg.device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)

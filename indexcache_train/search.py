@@ -41,6 +41,7 @@ from .capture import capture_topk
 from .evaluate import check_seq_len, lm_loss, load_eval_batches, resolve_device
 from .modeling import build_model_and_tokenizer
 from .pattern import OFFICIAL_OFFSET, PAPER_OFFSET, IndexCachePattern
+from .config import CONFIG_DIR
 from .search_config import register_search_configs
 
 CONVENTIONS = {PAPER_OFFSET: "paper", OFFICIAL_OFFSET: "official"}
@@ -392,7 +393,7 @@ def format_summary(state: SearchState, result: dict) -> str:
 register_search_configs()
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="search")
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="search")
 def main(cfg: DictConfig) -> dict:
     return run(cfg)
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import register_configs
+from .config import CONFIG_DIR, register_configs
 from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
 from .evaluate import check_seq_len, lm_loss, resolve_device
@@ -383,7 +383,7 @@ class Tracker:
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="train")
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

@@ -44,8 +44,8 @@ def test_smoke_run_distils_and_exports(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["trainer.lr_decay_steps=6", "export=false", "trainer.eval_batches=0"]
-    train.train(smoke_config(straight, "trainer.max_steps=6", *common))
-    train.train(smoke_config(split, "trainer.max_steps=3", *common))
+    train.train(smoke_config(straight, "trainer.max_steps=6", "resume=null", *common))
+    train.train(smoke_config(split, "trainer.max_steps=3", "resume=null", *common))
     train.train(smoke_config(split, "trainer.max_steps=6", "resume=auto", *common))
     final = "checkpoints/step6/trainable.safetensors"
     a, b = load_file(straight / final), load_file(split / final)
@@ -55,9 +55,10 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_existing_checkpoints_are_not_overwritten(tmp_path):
-    train.train(smoke_config(tmp_path, "trainer.max_steps=1", "export=false", "trainer.eval_batches=0"))
+    args = ("trainer.max_steps=1", "export=false", "trainer.eval_batches=0", "resume=null")
+    train.train(smoke_config(tmp_path, *args))
     with pytest.raises(FileExistsError, match="resume=auto"):
-        train.train(smoke_config(tmp_path, "trainer.max_steps=1", "export=false", "trainer.eval_batches=0"))
+        train.train(smoke_config(tmp_path, *args))
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
