@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, capture_topk, dense_attention_probs
+from .config import CONFIG_DIR
 from .evaluate import attention_recall, check_seq_len, index_overlap, load_eval_batches, resolve_device
 from .modeling import build_model_and_tokenizer
 from .pattern import IndexCachePattern
 from .plots import plot_heatmap
-from .config import CONFIG_DIR
 from .search_config import register_search_configs
 
 

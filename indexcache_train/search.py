@@ -38,10 +38,10 @@ from transformers.masking_utils import create_causal_mask
 
 from .adapters import SharedTopK, apply_indexcache, get_adapter
 from .capture import capture_topk
+from .config import CONFIG_DIR
 from .evaluate import check_seq_len, lm_loss, load_eval_batches, resolve_device
 from .modeling import build_model_and_tokenizer
 from .pattern import OFFICIAL_OFFSET, PAPER_OFFSET, IndexCachePattern
-from .config import CONFIG_DIR
 from .search_config import register_search_configs
 
 CONVENTIONS = {PAPER_OFFSET: "paper", OFFICIAL_OFFSET: "official"}
