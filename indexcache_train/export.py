@@ -84,11 +84,7 @@ def export_indexcache(model: nn.Module, output_dir: str | os.PathLike, *, base_p
     if base_weights is None:
         gathered, trained, dropped = list(model.parameters()), {}, ()
     else:
-        indexers = full_indexers(model)
-        with _gathered([p for indexer in indexers.values() for p in indexer.parameters()]):
-            trained = {f"{prefix}.{key}": tensor.detach().to("cpu", copy=True)
-                       for prefix, indexer in indexers.items() for key, tensor in indexer.state_dict().items()}
-        gathered, dropped = [], shared_indexer_prefixes(model)
+        gathered, trained, dropped = [], trained_indexer_state(model), shared_indexer_prefixes(model)
 
     with _gathered(gathered):
         if _rank() == 0:
@@ -114,6 +110,15 @@ def full_indexers(model: nn.Module) -> dict[str, nn.Module]:
     names = {id(module): name for name, module in model.named_modules()}
     indexers = (adapter.indexer(model, layer) for layer in current_pattern(model).full_layers)
     return {names[id(indexer)]: indexer for indexer in indexers}
+
+
+def trained_indexer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The F-layer indexer tensors on the CPU, named as in `model.state_dict()`, gathered from ZeRO-3
+    partitions when needed (every rank must call it then). `load_trainable` reads them back."""
+    indexers = full_indexers(model)
+    with _gathered([p for indexer in indexers.values() for p in indexer.parameters()]):
+        return {f"{prefix}.{key}": tensor.detach().to("cpu", copy=True)
+                for prefix, indexer in indexers.items() for key, tensor in indexer.state_dict().items()}
 
 
 def shared_indexer_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from .config import CONFIG_DIR, register_configs
 from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
 from .evaluate import check_seq_len, lm_loss, resolve_device
+from .export import export_indexcache, trained_indexer_state
 from .modeling import build_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -102,16 +103,6 @@ def stage_at(cfg: DictConfig, step: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def trainable_state(distillation: IndexerDistillation) -> dict[str, torch.Tensor]:
-    """The F-indexer tensors under their names in the model, gathered from ZeRO-3 partitions if needed."""
-    import deepspeed
-
-    named = [(name, p) for name, p in distillation.model.named_parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
-                                           enabled=any(hasattr(p, "ds_id") for _, p in named)):
-        return {name: p.detach().cpu().clone().contiguous() for name, p in named}
-
-
 def latest_checkpoint(output_dir: Path) -> Path | None:
     pointer = output_dir / CHECKPOINTS / "latest"
     return output_dir / CHECKPOINTS / pointer.read_text().strip() if pointer.is_file() else None
@@ -127,7 +118,7 @@ def save_checkpoint(engine, distillation, output_dir: Path, step: int, loader, r
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                root / temporary / f"rng_rank{rank}.pt")
-    state = trainable_state(distillation)
+    state = trained_indexer_state(distillation.model)
     if rank == 0:
         save_file(state, str(root / temporary / "trainable.safetensors"))
     torch.distributed.barrier()
@@ -292,8 +283,6 @@ def train(cfg: DictConfig) -> dict:
         if before:
             print(format_before_after(before, after))
     if cfg.export:
-        from .export import export_indexcache
-
         card = {"pattern": str(distillation.pattern), "steps": step, "stage": cfg.distill.stage,
                 **{f"after/{k}": v for k, v in after.items() if not k.startswith(("kl/", "recall/"))}}
         export_dir = export_indexcache(distillation.model, output_dir / "export", base_path=cfg.model.name_or_path,
