@@ -1,0 +1,522 @@
+#!/usr/bin/env python
+"""Pretrain a tiny GLM-MoE-DSA model on the Python standard library: the package's embedded default model.
+
+The model is transformers' own `GlmMoeDsaForCausalLM` (~7.3M parameters, dense MLPs, 8 layers, an 8 x 64
+indexer per layer, `index_topk` 128, context 2048), trained from scratch in three phases that follow
+DeepSeek-V3.2's recipe for converting a dense model to DSA:
+
+  a. pretrain   LM loss with dense attention: every indexer selects every key (top-k = context) for the
+                phase, then top-k 128 is restored. AdamW, linear warm-up then cosine, bf16 autocast on GPU.
+  b. warmup     DSA's indexer warm-up. The base is frozen; each indexer learns its own layer's dense attention
+                with our fused KL (`IndexerDistillation`, all-F pattern, stage "dense").
+  c. sparse     top-k 128 on. Two separate optimisations per step, on the same batch: the base model's LM
+                loss through the sparse attention, and the indexers' KL over their own selection (stage
+                "sparse"). The indexer's input is detached and its top-k is not differentiable, so neither loss
+                sends gradients into the other's parameters.
+
+After each phase (and at initialisation) the validation split is scored: LM loss with dense attention and
+with DSA, each indexer's KL to its layer's attention (dense and sparse), and its top-k recall (the share of
+its layer's dense attention mass inside its own top-k 128, over the rows that have more keys than that).
+
+**Tokenizer: byte-level** (`byte_tokenizer()`: 256 bytes + <eos>). The corpus is only ~12 MB of text. A BPE
+of 4096 tokens (measured: 3.6 bytes per token) would cut it to 3.4M tokens, which an H200 would repeat
+10-40 times within the budget, and a 7M-parameter model would spend the later epochs memorising; bytes give
+12M tokens, a few epochs. It is also the tokenizer the package already uses for its tiny test models, it
+needs no training step, and its losses are nats per byte. The price: a context of 2048 holds ~50 lines of
+code, still 16 times `index_topk`, so the selection matters.
+
+**Budget.** `--minutes` is the wall-clock budget of the whole run. The initial evaluation is timed, a few
+steps of each phase are timed on a throw-away copy of the model, and the time left after setup and the
+four evaluations becomes a step count per phase (70/20/10%). The counts are printed and recorded, and
+`--steps A B C` skips the timing and reruns exactly those: with the same seed, the run is the same.
+
+    python scripts/pretrain_tiny.py --out outputs/pretrain_tiny --device cuda            # ~9 minutes, one H200
+    python scripts/pretrain_tiny.py --out /tmp/p --model-size micro --context 128 --index-topk 16 \
+        --max-steps-per-phase 24 --device cpu                                          # a smoke run
+
+Outputs in `--out`: model.safetensors (bf16) and config.json, the tokenizer, pretrain.json (every phase's
+figures) and README.md (the model card). Plain `AutoModelForCausalLM.from_pretrained(out)` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from indexcache_train.adapters import get_adapter  # noqa: E402
+from indexcache_train.capture import attention_taps, dense_attention_probs  # noqa: E402
+from indexcache_train.data import build_dataloader, load_packed  # noqa: E402
+from indexcache_train.distill import IndexerDistillation  # noqa: E402
+from indexcache_train.evaluate import attention_recall, lm_loss, resolve_device  # noqa: E402
+from indexcache_train.modeling import byte_tokenizer, tiny_config  # noqa: E402
+from indexcache_train.train import warmup_cosine  # noqa: E402
+
+MODEL_SIZES = {
+    # ~7.3M parameters, 14.7 MB in bf16. MLA and indexer shapes scaled down from GLM-5 (hidden 6144, 64 heads,
+    # q/kv LoRA ranks 2048/512, indexer 32 x 128).
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=48,
+                  qk_rope_head_dim=16, v_head_dim=64, index_n_heads=8, index_head_dim=64),
+    # For tests and smoke runs on a CPU.
+    "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                  qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16),
+}
+MIN_LR_RATIO = 0.1
+GRAD_CLIP = 1.0
+SAVE_RESERVE_S = 15  # saving and the model card, after the last evaluation
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def build_model(size: str, context: int, index_topk: int, vocab_size: int, eos_id: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    dims = MODEL_SIZES[size]
+    config = tiny_config(
+        "glm_moe_dsa", **dims, vocab_size=vocab_size, max_position_embeddings=context, index_topk=index_topk,
+        first_k_dense_replace=dims["num_hidden_layers"],  # dense MLPs in every layer, no MoE
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def all_full(model: nn.Module) -> str:
+    """The pattern where every indexer serves exactly its own layer: plain DSA."""
+    return "F" * model.config.num_hidden_layers
+
+
+def indexers(model: nn.Module) -> list[nn.Module]:
+    adapter = get_adapter(model)
+    return [adapter.indexer(model, layer) for layer in range(adapter.num_layers(model))]
+
+
+def indexer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for indexer in indexers(model) for p in indexer.parameters()]
+
+
+def base_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Everything but the indexers: what the LM loss trains (the indexers run under no_grad anyway)."""
+    indexer_ids = {id(p) for p in indexer_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in indexer_ids]
+
+
+@contextmanager
+def dense_attention(model: nn.Module):
+    """Within the block every indexer keeps every key (top-k = context), so the attention is dense."""
+    saved = [indexer.index_topk for indexer in indexers(model)]
+    for indexer in indexers(model):
+        indexer.index_topk = model.config.max_position_embeddings
+    try:
+        yield
+    finally:
+        for indexer, topk in zip(indexers(model), saved):
+            indexer.index_topk = topk
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+Step = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, steps // 20), steps, MIN_LR_RATIO))
+
+
+def lm_step(model: nn.Module, steps: int, lr: float, weight_decay: float) -> Step:
+    """One AdamW step on the LM loss of the base model (bf16 autocast on GPU, fp32 master weights)."""
+    params = base_parameters(model)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # norms: no decay
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    scheduler = schedule(optimizer, steps)
+    device = params[0].device
+
+    def step(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"lm_loss": loss.detach()}
+
+    return step
+
+
+def indexer_step(model: nn.Module, steps: int, lr: float, stage: str) -> Step:
+    """One AdamW step of every indexer on our KL to its own layer's attention (`stage` "dense" or "sparse").
+    It runs in fp32: the frozen forward is cheap at this size, and the kernels then see one dtype."""
+    distillation = IndexerDistillation(model, all_full(model), stage=stage, recall_rows=0)
+    params = indexer_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = schedule(optimizer, steps)
+    num_layers = model.config.num_hidden_layers
+
+    def step(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss, _ = distillation(input_ids)  # the sum over layers of each indexer's mean KL
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {f"kl_{stage}": loss.detach() / num_layers}
+
+    return step
+
+
+@dataclass
+class Phase:
+    name: str
+    share: float  # of the training time
+    dense: bool  # run with every key selected
+    description: str
+
+    def make_step(self, model: nn.Module, steps: int, args: argparse.Namespace) -> Step:
+        """Builds the phase's optimizers on `model` and sets which of its parameters train."""
+        if self.name == "pretrain":
+            model.requires_grad_(True)
+            return lm_step(model, steps, args.lr, args.weight_decay)
+        if self.name == "warmup":
+            model.requires_grad_(False)
+            for p in indexer_parameters(model):
+                p.requires_grad_(True)
+            return indexer_step(model, steps, args.warmup_lr, "dense")
+        model.requires_grad_(True)
+        train_lm = lm_step(model, steps, args.sparse_lr, args.weight_decay)
+        train_indexers = indexer_step(model, steps, args.sparse_lr, "sparse")
+        return lambda input_ids: {**train_lm(input_ids), **train_indexers(input_ids)}
+
+    def attention(self, model: nn.Module):
+        return dense_attention(model) if self.dense else nullcontext()
+
+
+PHASES = [
+    Phase("pretrain", 0.7, True, "LM pretraining, dense attention"),
+    Phase("warmup", 0.2, True, "indexer warm-up: base frozen, KL to each layer's dense attention"),
+    Phase("sparse", 0.1, False, "sparse stage: top-k on, LM loss on the base and sparse KL on the indexers"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def topk_recall(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
+    """Per layer, under DSA: the share of the layer's dense attention mass (head mean, from the same forward's
+    queries and keys) inside its own indexer's top-k, over the rows with more keys than index_topk."""
+    topk, num_layers = model.config.index_topk, model.config.num_hidden_layers
+    sums = torch.zeros(num_layers, dtype=torch.float64)
+
+    def on_attention(call) -> None:
+        recall = attention_recall(dense_attention_probs(call), call.topk_indices)[:, topk:]
+        sums[call.layer] += recall.sum().double().cpu()
+
+    with attention_taps(model, on_attention):
+        for ids in batches:
+            model(input_ids=ids)
+    rows = sum(ids.shape[0] * (ids.shape[1] - topk) for ids in batches)
+    return (sums / rows).tolist()
+
+
+def indexer_kl(model: nn.Module, batches: list[torch.Tensor], stage: str) -> list[float]:
+    """Per layer: the mean KL of its indexer to its own layer's attention, dense or over its top-k."""
+    distillation = IndexerDistillation(model, all_full(model), stage=stage, recall_rows=0)
+    sums = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    with torch.no_grad():
+        for ids in batches:
+            metrics = distillation(ids)[1]
+            sums += torch.tensor([metrics[f"kl/layer{i}"].item() for i in range(len(sums))], dtype=torch.float64)
+    return (sums / len(batches)).tolist()
+
+
+def validate(model: nn.Module, batches: list[torch.Tensor]) -> dict:
+    topk = model.config.index_topk
+    with dense_attention(model):
+        loss_dense = lm_loss(model, batches, "val LM loss (dense)")
+        kl_dense = indexer_kl(model, batches, "dense")
+    loss_dsa = lm_loss(model, batches, f"val LM loss (DSA, top-{topk})")
+    kl_sparse = indexer_kl(model, batches, "sparse")
+    recall = topk_recall(model, batches)
+    return {
+        "lm_loss_dense": loss_dense, "lm_loss_dsa": loss_dsa,
+        "kl_dense": _mean(kl_dense), "kl_sparse": _mean(kl_sparse), "topk_recall": _mean(recall),
+        "per_layer": {"kl_dense": kl_dense, "kl_sparse": kl_sparse, "topk_recall": recall},
+    }
+
+
+def describe(figures: dict) -> str:
+    return (f"val LM loss dense {figures['lm_loss_dense']:.4f}, DSA {figures['lm_loss_dsa']:.4f} | "
+            f"indexer KL dense {figures['kl_dense']:.4f}, sparse {figures['kl_sparse']:.4f} | "
+            f"top-k recall {figures['topk_recall']:.3f}")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# ------------------------------------------------------------------------------------------------ the budget
+def seconds_per_step(phase: Phase, model: nn.Module, batch: torch.Tensor, args: argparse.Namespace) -> float:
+    """Times a phase's step on a throw-away copy of the model: two warm-up calls (kernel compilation), then
+    three timed ones. The real model and its optimizers are untouched."""
+    scratch = copy.deepcopy(model)
+    step = phase.make_step(scratch, 1000, args)
+    with phase.attention(scratch):
+        for _ in range(2):
+            step(batch)
+        _synchronize(batch.device)
+        started = time.perf_counter()
+        for _ in range(3):
+            step(batch)
+        _synchronize(batch.device)
+    return (time.perf_counter() - started) / 3
+
+
+def plan_steps(model: nn.Module, batch: torch.Tensor, args: argparse.Namespace, seconds_left: float) -> dict:
+    """Step counts per phase: given by `--steps`, else the time left split by phase share, capped by
+    `--max-steps-per-phase`."""
+    if args.steps:
+        return {"steps": dict(zip((p.name for p in PHASES), args.steps))}
+    timing_started = time.perf_counter()
+    step_seconds = {phase.name: seconds_per_step(phase, model, batch, args) for phase in PHASES}
+    budget = seconds_left - (time.perf_counter() - timing_started)
+    steps = {}
+    for phase in PHASES:
+        steps[phase.name] = max(1, int(budget * phase.share / step_seconds[phase.name]))
+        if args.max_steps_per_phase:
+            steps[phase.name] = min(steps[phase.name], args.max_steps_per_phase)
+    return {"training_seconds": budget, "seconds_per_step": step_seconds, "steps": steps}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run_phase(phase: Phase, model: nn.Module, steps: int, batches, args: argparse.Namespace) -> dict:
+    """Trains `steps` steps; returns the training metrics at the start and the end (mean of 5% of the steps)."""
+    step = phase.make_step(model, steps, args)
+    history: list[dict[str, torch.Tensor]] = []
+    with phase.attention(model):
+        progress = tqdm(range(steps), desc=phase.name)
+        for i in progress:
+            history.append(step(next(batches)["input_ids"].to(args.device)))
+            if i % 20 == 0 or i == steps - 1:
+                progress.set_postfix({k: f"{v.item():.4f}" for k, v in history[-1].items()})
+    window = max(1, steps // 20)
+    return {f"{key}_{end}": torch.stack([h[key] for h in part]).mean().item()
+            for key in history[0] for end, part in (("start", history[:window]), ("end", history[-window:]))}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    args.device = resolve_device(args.device)
+    if args.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 distillation and evaluation forwards
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = byte_tokenizer()
+    train = load_packed(seq_len=args.context, tokenizer=tokenizer, split="train", max_records=args.max_records)
+    validation = load_packed(seq_len=args.context, tokenizer=tokenizer, split="validation")
+    validation = validation.select(range(min(args.eval_sequences, len(validation))))
+    val_batches = [b["input_ids"].to(args.device) for b in
+                   build_dataloader(validation, args.batch_size, seed=args.seed, shuffle=False, drop_last=False)]
+    loader = build_dataloader(train, args.batch_size, seed=args.seed, infinite=True)
+    print(f"Data: {len(train)} training and {len(validation)} validation sequences of {args.context} bytes "
+          "(the standard library's .py files, split by file).")
+
+    model = build_model(args.model_size, args.context, args.index_topk, len(tokenizer), tokenizer.eos_token_id,
+                        args.seed).to(args.device)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"Model: GlmMoeDsaForCausalLM, {num_params / 1e6:.2f}M parameters "
+          f"({sum(p.numel() for p in indexer_parameters(model)) / 1e6:.2f}M in the indexers), "
+          f"index_topk {args.index_topk}, context {args.context}.")
+
+    eval_started = time.perf_counter()
+    record = {"init": validate(model, val_batches)}
+    eval_seconds = time.perf_counter() - eval_started
+    print(f"init: {describe(record['init'])}")
+
+    # Three more evaluations follow (one per phase), then saving.
+    seconds_left = args.minutes * 60 - (time.perf_counter() - started) - 3 * eval_seconds - SAVE_RESERVE_S
+    timing_batch = torch.tensor(train[: args.batch_size]["input_ids"], device=args.device)
+    plan = plan_steps(model, timing_batch, args, seconds_left)
+    steps = plan["steps"]
+    print("Plan: " + ", ".join(f"{name} {count} steps" for name, count in steps.items())
+          + f"; rerun exactly with --steps {' '.join(map(str, steps.values()))}")
+
+    batches = iter(loader)
+    for phase in PHASES:
+        phase_started = time.perf_counter()
+        train_figures = run_phase(phase, model, steps[phase.name], batches, args)
+        if phase is PHASES[-1]:
+            model.to(torch.bfloat16).float()  # the last figures are those of the shipped bf16 weights
+        record[phase.name] = {"description": phase.description, "steps": steps[phase.name],
+                              "train": train_figures, "validation": validate(model, val_batches),
+                              "seconds": time.perf_counter() - phase_started}
+        print(f"{phase.name}: {describe(record[phase.name]['validation'])}")
+
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = {
+        "command": _command(sys.argv if argv is None else ["scripts/pretrain_tiny.py", *argv]),
+        "rerun_command": _command(_rerun_argv(argv, steps)),
+        "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "device": _device_name(args.device)},
+        "model": {"parameters": num_params, "indexer_parameters": sum(p.numel() for p in indexer_parameters(model)),
+                  "size": args.model_size, **MODEL_SIZES[args.model_size], "index_topk": args.index_topk,
+                  "context": args.context},
+        "data": {"train_sequences": len(train), "validation_sequences": len(validation),
+                 "tokens_per_step": args.batch_size * args.context,
+                 "epochs": sum(steps.values()) * args.batch_size / len(train)},  # the sparse stage's 2 passes count once
+        "plan": plan,
+        "figures": record,
+        "safetensors_bytes": (out / "model.safetensors").stat().st_size,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
+    (out / "README.md").write_text(model_card(summary))
+    print(f"Wrote {out} ({summary['safetensors_bytes'] / 1e6:.1f} MB of weights) in "
+          f"{summary['wall_seconds'] / 60:.1f} minutes.")
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--steps", type=int, nargs=3, metavar=("PRETRAIN", "WARMUP", "SPARSE"),
+                        help="exact steps per phase instead of the budget's plan (reruns a recorded plan)")
+    parser.add_argument("--max-steps-per-phase", type=int, help="cap on the planned steps of each phase")
+    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--index-topk", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak LR of the pretraining")
+    parser.add_argument("--warmup-lr", type=float, default=1e-3, help="peak LR of the indexer warm-up (DeepSeek's)")
+    parser.add_argument("--sparse-lr", type=float, default=1e-4, help="peak LR of the sparse stage, both losses")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-sequences", type=int, default=64, help="validation sequences scored per phase")
+    parser.add_argument("--max-records", type=int, help="keep only the first training files (quick runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.index_topk >= args.context:
+        parser.error(f"--index-topk ({args.index_topk}) must be below --context ({args.context}), "
+                     "otherwise DSA selects every key.")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ the card
+def _command(argv: list[str]) -> str:
+    return "python " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _rerun_argv(argv: list[str] | None, steps: dict[str, int]) -> list[str]:
+    """The command with `--steps` set to the plan (and the options the plan made moot dropped)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], 0
+    for arg in argv:
+        option, has_value = arg.split("=")[0], "=" in arg
+        if skip:
+            skip -= 1
+        elif option in ("--steps", "--minutes", "--max-steps-per-phase"):
+            skip = 0 if has_value else 3 if option == "--steps" else 1
+        else:
+            kept.append(arg)
+    return ["scripts/pretrain_tiny.py", *kept, "--steps", *map(str, steps.values())]
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def model_card(summary: dict) -> str:
+    figures, model = summary["figures"], summary["model"]
+    rows = [("init", "random initialisation", figures["init"])]
+    rows += [(p.name, f"{figures[p.name]['steps']} steps, {figures[p.name]['seconds']:.0f} s", figures[p.name]["validation"])
+             for p in PHASES]
+    table = ["| after | training | val LM loss, dense | val LM loss, DSA top-k | indexer KL, dense | "
+             "indexer KL, sparse | top-k recall |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {name} | {how} | {f['lm_loss_dense']:.4f} | {f['lm_loss_dsa']:.4f} | {f['kl_dense']:.4f} | "
+              f"{f['kl_sparse']:.4f} | {f['topk_recall']:.3f} |" for name, how, f in rows]
+    final = figures[PHASES[-1].name]["validation"]
+    recall = " ".join(f"{r:.3f}" for r in final["per_layer"]["topk_recall"])
+    env = summary["environment"]
+    return f"""---
+library_name: transformers
+tags: [glm_moe_dsa, deepseek-sparse-attention, indexcache, tiny]
+---
+# Tiny GLM-MoE-DSA on the Python standard library
+
+A {model['parameters'] / 1e6:.2f}M-parameter `GlmMoeDsaForCausalLM` (DeepSeek Sparse Attention: a lightning
+indexer per layer picks the top-{model['index_topk']} keys of each query) pretrained from scratch in
+{summary['wall_seconds'] / 60:.1f} minutes on {env['device']}. It is the embedded default model of
+`indexcache_train`: small enough for a CPU, with attention that has learnt real structure to distil.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(path)        # weights stored in bf16; dtype=torch.float32 on a CPU
+tokenizer = AutoTokenizer.from_pretrained(path)           # byte-level: 256 bytes + <eos>
+```
+
+## Model
+hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, {model['num_attention_heads']} MLA heads
+(q/kv LoRA ranks {model['q_lora_rank']}/{model['kv_lora_rank']}, qk {model['qk_nope_head_dim']}+{model['qk_rope_head_dim']},
+v {model['v_head_dim']}), dense MLPs ({model['intermediate_size']}), an indexer of {model['index_n_heads']} x
+{model['index_head_dim']} per layer ({model['indexer_parameters'] / 1e6:.2f}M parameters in all), index_topk
+{model['index_topk']}, context {model['context']} bytes. All layers are F (each runs its own indexer).
+
+## Data
+The `.py` sources of the Python {env['python']} standard library, read from the interpreter at training time
+(`indexcache_train.data.stdlib_corpus`): {summary['data']['train_sequences']} training sequences, split by
+file from a hash of the path, seen {summary['data']['epochs']:.1f} times over the three phases; the validation
+figures use {summary['data']['validation_sequences']} sequences of held-out files. None of that text is shipped here.
+
+## How it was made
+```
+{summary['command']}
+```
+`scripts/pretrain_tiny.py` of `indexcache_train`; torch {env['torch']}, transformers {env['transformers']}.
+The same steps, without the timing that planned them:
+```
+{summary['rerun_command']}
+```
+1. **pretrain**: LM loss with dense attention (every indexer keeps every key), AdamW, warm-up then cosine.
+2. **warmup**: DSA's indexer warm-up. The base is frozen; each indexer learns the head-averaged dense
+   attention of its own layer (KL, `IndexerDistillation` with an all-F pattern, stage "dense").
+3. **sparse**: top-k on. The base trains on the LM loss through the sparse attention, and the indexers on the
+   KL over their own top-k (stage "sparse"), as two separate optimisations on the same batches.
+
+## Figures (validation)
+{chr(10).join(table)}
+
+LM losses are in nats per byte. DSA: each layer attends only to its own indexer's top-{model['index_topk']}.
+Top-k recall: the share of a layer's dense attention mass (head mean) inside its indexer's top-k, over the
+queries with more than {model['index_topk']} keys, averaged over layers; per layer after the last phase:
+{recall}. The last row is measured on the shipped (bf16-rounded) weights. All figures are in `pretrain.json`.
+"""
+
+
+if __name__ == "__main__":
+    main()
