@@ -54,7 +54,11 @@ def make_inputs(L, G, args, device="cuda", seed=0):
     dt = torch.bfloat16
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dt)
+        # Filled in slices: an fp32 copy of a 128K-token teacher would take 72 GiB on its own.
+        out = torch.empty(*shape, device=device, dtype=dt)
+        for part in out.view(-1).split(1 << 28):
+            part.copy_(torch.randn(part.numel(), generator=gen, device=device, dtype=torch.float32) * scale)
+        return out
 
     B, Hi, Di, H, Hk, D = args.batch, args.index_heads, args.index_dim, args.heads, args.kv_heads, args.head_dim
     iq = rand(B, L, Hi, Di, scale=Di ** -0.5).requires_grad_()

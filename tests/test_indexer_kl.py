@@ -38,10 +38,12 @@ def test_matches_reference_with_grad_output(backend, sparse):
         tq, tk, topk = tq.cuda(), tk.cuda(), None if topk is None else topk.cuda()
     ours = indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk, backend=backend)
     ref = reference_indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk)
-    tf32 = index[0].is_cuda  # fp32 tl.dot runs in TF32 on GPU: ~1e-3 relative error
-    torch.testing.assert_close(ours, ref, rtol=1e-2 if tf32 else 1e-4, atol=1e-5)
-    for a, b in zip(grads(2.5 * ours, index), grads(2.5 * ref, index)):
-        torch.testing.assert_close(a, b, rtol=2e-2 if tf32 else 1e-3, atol=1e-4 if tf32 else 1e-5)
+    pairs = [(ours, ref), *zip(grads(2.5 * ours, index), grads(2.5 * ref, index))]
+    for a, b in pairs:
+        if a.is_cuda:  # fp32 tl.dot runs in TF32 on GPU: compare norms, ~1e-3 relative error
+            assert (a - b).norm() <= 1e-2 * b.norm()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
