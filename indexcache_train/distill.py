@@ -13,10 +13,13 @@ through the transformer. During a single no-grad forward:
    gradients through each indexer's projections. DeepSpeed's `engine.backward` sees an ordinary loss.
 
 Stages: `dense` distils the full causal attention of each served layer; `sparse` distils the attention
-renormalised over the F layer's top-k, the set every layer of the group actually attends to.
+renormalised over the F layer's top-k, the set every layer of the group actually attends to. In the sparse
+stage the MLA teacher goes to the kernel in its absorbed form (`teacher.py`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ from .capture import AttentionCall, attention_taps
 from .evaluate import valid_selection
 from .kernels import IndexerKLLoss
 from .pattern import IndexCachePattern
+from .teacher import TEACHER_FORMS, AbsorbedTeacher
 
 STAGES = ("dense", "sparse")
 
@@ -56,14 +60,26 @@ class IndexerDistillation(nn.Module):
     """
 
     def __init__(self, model: nn.Module, pattern: IndexCachePattern | str | float, *, stage: str = "dense",
-                 kl_backend: str | None = None, recall_rows: int = 64):
+                 kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto"):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"Unknown distillation stage {stage!r}; choose from {STAGES}.")
+        if teacher_form not in TEACHER_FORMS:
+            raise ValueError(f"Unknown teacher form {teacher_form!r}; choose from {TEACHER_FORMS}.")
         self.model = apply_indexcache(model, pattern)
         self.adapter = get_adapter(model)
         self.pattern = current_pattern(model)
         self.stage, self.kl_backend, self.recall_rows = stage, kl_backend, recall_rows
+        self.teacher_form = teacher_form
+
+    def absorbed_teacher(self) -> AbsorbedTeacher | None:
+        """The MLA absorbed form for the sparse stage (one gather serves every head), unless told otherwise;
+        the expanded form for the dense stage, whose keys are contiguous and where FLOPs count more."""
+        absorbed = self.teacher_form == "absorbed" or (self.teacher_form == "auto" and self.stage == "sparse")
+        if not absorbed:
+            return None
+        return AbsorbedTeacher([self.adapter.attention(self.model, layer)
+                                for layer in range(self.adapter.num_layers(self.model))])
 
     @property
     def indexers(self) -> dict[int, nn.Module]:
@@ -99,15 +115,18 @@ class IndexerDistillation(nn.Module):
                 topk_indices=causal_topk(output) if sparse else None, backend=self.kl_backend,
             )
 
+        teacher = self.absorbed_teacher()
+
         def add_layer(call: AttentionCall) -> None:
             source = self.pattern.source_layer(call.layer)
-            metrics[f"kl/layer{call.layer}"] = groups[source].add_layer(call.query, call.key, call.scaling)
+            query, key = teacher(call) if teacher is not None else (call.query, call.key)
+            metrics[f"kl/layer{call.layer}"] = groups[source].add_layer(query, key, call.scaling)
             if self.recall_rows:
                 metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows)
 
         hooks = [indexer.register_forward_hook(open_group) for indexer in self.indexers.values()]
         try:
-            with torch.no_grad(), attention_taps(self.model, add_layer):
+            with torch.no_grad(), attention_taps(self.model, add_layer), teacher or contextlib.nullcontext():
                 # The inner model runs every layer; the LM head's logits are not needed.
                 getattr(self.model, "model", self.model)(input_ids=input_ids, use_cache=False)
         finally:

@@ -92,8 +92,16 @@ def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    config.update(OmegaConf.to_container(cfg.deepspeed.config, resolve=True))
-    return config
+    return _merged(config, OmegaConf.to_container(cfg.deepspeed.config, resolve=True))
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in recursively, so that one nested key does not replace its section."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
 
 
 def stage_at(cfg: DictConfig, step: int) -> str:
@@ -200,7 +208,8 @@ def train(cfg: DictConfig) -> dict:
     check_seq_len(model.config, cfg.data.seq_len)
     model.to(device).eval()  # before the pattern, so that removed indexers live on the same device
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
-                                       kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows)
+                                       kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
+                                       teacher_form=cfg.distill.teacher_form)
     counts = distillation.freeze()
     log.info("Pattern %s: %d trainable parameters (F-layer indexers), %d frozen.", distillation.pattern,
              counts["trainable"], counts["frozen"])

@@ -64,3 +64,36 @@ def test_loss_is_the_multi_layer_kl_of_the_captured_attention(stage):
 def test_unknown_stage_is_refused():
     with pytest.raises(ValueError, match="Unknown distillation stage"):
         IndexerDistillation(build_tiny(), "FSSF", stage="warmup")
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_absorbed_teacher_gives_the_same_loss_and_gradients(model_type, stage):
+    ids = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for form in ("absorbed", "expanded"):
+        distillation = IndexerDistillation(build_tiny(model_type, initializer_range=0.2), "FSSF", stage=stage,
+                                           kl_backend="torch", recall_rows=0, teacher_form=form)
+        distillation.freeze()
+        loss, _ = distillation(ids)
+        loss.backward()
+        results[form] = (loss.detach(), [p.grad for p in distillation.parameters() if p.requires_grad])
+    (absorbed, absorbed_grads), (expanded, expanded_grads) = results["absorbed"], results["expanded"]
+    torch.testing.assert_close(absorbed, expanded, rtol=1e-4, atol=1e-6)
+    for a, b in zip(absorbed_grads, expanded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_absorbed_scores_equal_the_expanded_ones():
+    from indexcache_train.capture import attention_taps
+    from indexcache_train.teacher import AbsorbedTeacher
+
+    model = build_tiny("glm_moe_dsa")
+    attentions = [layer.self_attn for layer in model.model.layers]
+    pairs = []
+    with torch.no_grad(), AbsorbedTeacher(attentions) as teacher, \
+            attention_taps(model, lambda call: pairs.append(((call.query, call.key), teacher(call)))):
+        model.model(input_ids=torch.randint(0, 257, (1, 24)))
+    (query, key), (absorbed_query, absorbed_key) = pairs[2]
+    assert absorbed_key.shape == (1, 1, 24, 16 + 8) and absorbed_query.shape == (1, 4, 24, 16 + 8)
+    torch.testing.assert_close(absorbed_query @ absorbed_key.transpose(-1, -2), query @ key.transpose(-1, -2),
+                               rtol=1e-4, atol=1e-5)

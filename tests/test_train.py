@@ -84,7 +84,10 @@ def test_two_rank_deepspeed(tmp_path, zero_stage):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29600 + zero_stage}",
                "-m", "indexcache_train.train", "experiment=smoke", f"deepspeed=zero{zero_stage}",
-               f"output_dir={tmp_path}", "trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_batches=1"]
+               f"output_dir={tmp_path}", "trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_batches=1",
+               # Step 2 is sparse, whose absorbed teacher reads kv_b_proj: under ZeRO-3, with nothing kept
+               # whole, it must gather it.
+               "distill.dense_steps=1", "+deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = read_metrics(tmp_path)

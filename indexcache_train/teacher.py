@@ -1,0 +1,78 @@
+"""Teacher tensors for the KL kernels: MLA attention in its expanded or its absorbed form.
+
+transformers' MLA attention (GLM-5, DeepSeek-V3.2) expands the shared key latent c_s into per-head keys,
+k_nope[h] = W_k[h] c_s, so the attention function sees H heads of D = nope + rope dims (128 × 192 for
+DeepSeek-V3.2). The absorbed form, as FlashMLA computes it, folds W_k into the query instead:
+
+    q[h] . k[h] = q_nope[h] . (W_k[h] c_s) + q_rot[h] . k_rot = (W_k[h]^T q_nope[h]) . c_s + q_rot[h] . k_rot
+
+so the key is one latent per token, [c_s, k_rot] (512 + 64 dims), shared by all heads: MQA, Hk = 1. A sparse
+kernel then gathers each selected key once for every head instead of once per head (H times less gathered
+memory, for about 3x the dot-product FLOPs). In dense mode the keys are contiguous and the FLOPs count more,
+so the expanded form stays the default there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .capture import AttentionCall
+
+TEACHER_FORMS = ("auto", "absorbed", "expanded")
+
+
+class AbsorbedTeacher:
+    """Records each MLA attention's key latent during a forward and rewrites its attention call into the
+    absorbed form. Use as a context manager around the forward."""
+
+    def __init__(self, attentions: list[nn.Module]):
+        missing = [type(a).__name__ for a in attentions if not hasattr(a, "kv_b_proj")]
+        if missing:
+            raise ValueError(f"The absorbed teacher form needs MLA attention (kv_b_proj); {missing[0]} has none.")
+        self.attentions = attentions
+        self.latents: dict[int, torch.Tensor] = {}
+        self._hooks = []
+
+    def __enter__(self) -> AbsorbedTeacher:
+        for attention in self.attentions:
+            def record(norm, args, output, layer=attention.layer_idx):
+                self.latents[layer] = output  # the normalised key latent c_s, [B, L, kv_lora_rank]
+            self._hooks.append(attention.kv_a_layernorm.register_forward_hook(record))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.latents.clear()
+
+    def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query [B, H, L, kv_lora + rope], key [B, 1, L, kv_lora + rope]) with the same scores q . k."""
+        attention = call.module
+        nope, lora = attention.qk_nope_head_dim, attention.kv_lora_rank
+        heads = call.query.shape[1]
+        weight = attention.kv_b_proj.weight
+        # Under ZeRO-3 kv_b_proj's weight was released after its own forward; every rank gathers it here.
+        with deepspeed_gathered(weight):
+            w_k = weight.view(heads, -1, lora)[:, :nope]  # [H, nope, kv_lora]
+            q_latent = torch.einsum("bhtn,hnc->bhtc", call.query[..., :nope].float(), w_k.float())
+        query = torch.cat([q_latent.to(call.query.dtype), call.query[..., nope:]], dim=-1)
+        latent = self.latents.pop(call.layer)
+        key = torch.cat([latent.to(call.key.dtype), call.key[:, 0, :, nope:]], dim=-1).unsqueeze(1)
+        return query, key
+
+
+def deepspeed_gathered(param: nn.Parameter):
+    """A ZeRO-3 partitioned parameter gathered (read-only) on every rank; a no-op for an ordinary one, or
+    for one ZeRO-3 already holds whole (small persistent parameters, or one its module still uses)."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status == ZeroParamStatus.AVAILABLE:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
