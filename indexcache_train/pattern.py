@@ -12,6 +12,7 @@ Two uniform conventions exist in the field, and both come from the official sche
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,8 @@ class IndexCachePattern:
 
     @classmethod
     def coerce(cls, spec: Any, num_layers: int) -> IndexCachePattern:
-        """Accept a pattern, an F/S string, or a ratio (a float in (0, 1]) for `num_layers` layers."""
+        """Accept a pattern, an F/S string, a ratio (a float in (0, 1]), or a uniform schedule given as a
+        mapping {"freq": 4, "offset": 1} (offset optional, the paper's by default), for `num_layers` layers."""
         if isinstance(spec, IndexCachePattern):
             spec.check_num_layers(num_layers)
             return spec
@@ -108,7 +110,10 @@ class IndexCachePattern:
             return cls.parse(spec, num_layers)
         if isinstance(spec, float | int) and not isinstance(spec, bool):
             return cls.from_ratio(num_layers, float(spec))
-        raise ValueError(f"Cannot build an IndexCache pattern from {spec!r}: give an F/S string or a ratio.")
+        if isinstance(spec, Mapping) and set(spec) <= {"freq", "offset"} and "freq" in spec:
+            return cls.uniform(num_layers, spec["freq"], spec.get("offset", PAPER_OFFSET))
+        raise ValueError(f"Cannot build an IndexCache pattern from {spec!r}: give an F/S string, a ratio, or "
+                         "{freq: N, offset: M}.")
 
     # ----------------------------------------------------------------------------------------- properties
     def __str__(self) -> str:

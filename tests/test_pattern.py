@@ -80,3 +80,14 @@ def test_config_keys_round_trip():
         assert IndexCachePattern.from_config(config) == pattern
     irregular = IndexCachePattern.parse("FSFFSS").to_config_dict()
     assert "index_topk_freq" not in irregular
+
+
+def test_coerce_accepts_every_form():
+    assert str(IndexCachePattern.coerce("FSFS", 4)) == "FSFS"
+    assert str(IndexCachePattern.coerce(0.5, 4)) == "FSFS"
+    assert str(IndexCachePattern.coerce({"freq": 2}, 4)) == "FSFS"
+    assert str(IndexCachePattern.coerce({"freq": 2, "offset": 2}, 4)) == "FFSF"
+    with pytest.raises(ValueError, match="freq: N"):
+        IndexCachePattern.coerce({"every": 2}, 4)
+    with pytest.raises(ValueError, match="freq: N"):
+        IndexCachePattern.coerce(True, 4)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from indexcache_train import distill, train
+from indexcache_train.modeling import byte_tokenizer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -39,6 +40,28 @@ def test_smoke_run_distils_and_exports(tmp_path):
     trained = load_file(tmp_path / "checkpoints" / "step6" / "trainable.safetensors")
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in trained.items())
     assert "FSFS" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_user_model_and_files_export_by_copying_the_base(tmp_path):
+    """model.name_or_path and data.files replace the defaults; the export copies the base's shards."""
+    from conftest import build_tiny
+
+    base = tmp_path / "base"
+    build_tiny("glm_moe_dsa", initializer_range=0.2).save_pretrained(base)
+    byte_tokenizer().save_pretrained(base)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 3}) + "\n"
+                            for i in range(300)))
+    summary = train.train(smoke_config(
+        tmp_path / "run", f"model.name_or_path={base}", f"data.files=[{data}]", "distill.pattern={freq:2}",
+        "trainer.gradient_accumulation_steps=2", "trainer.max_steps=2", "trainer.eval_batches=1"))
+    assert summary["pattern"] == "FSFS"
+    exported, original = load_file(tmp_path / "run/export/model.safetensors"), load_file(base / "model.safetensors")
+    assert set(exported) == {k for k in original if not k.startswith(("model.layers.1.self_attn.indexer",
+                                                                        "model.layers.3.self_attn.indexer"))}
+    changed = {k for k in exported if not torch.equal(exported[k], original[k])}
+    assert changed and all(".self_attn.indexer." in k for k in changed)
+    assert (tmp_path / "run/export/tokenizer.json").is_file()
 
 
 def test_resume_continues_exactly(tmp_path):
