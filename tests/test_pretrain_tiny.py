@@ -33,7 +33,8 @@ def recipe():
 @pytest.fixture(scope="module")
 def pretrained(recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain_tiny")
-    summary = recipe.main(["--out", str(out), *MICRO, "--max-steps-per-phase", str(STEPS)])
+    # A generous budget, so that the cap sets the steps however busy the machine is.
+    summary = recipe.main(["--out", str(out), *MICRO, "--minutes", "60", "--max-steps-per-phase", str(STEPS)])
     return out, summary
 
 
