@@ -24,7 +24,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .adapters import apply_indexcache, current_pattern, get_adapter
+from .adapters import apply_indexcache, current_pattern, get_adapter, use_chunked_selection
 from .capture import AttentionCall, attention_taps
 from .evaluate import valid_selection
 from .kernels import IndexerKLLoss
@@ -60,13 +60,15 @@ class IndexerDistillation(nn.Module):
     """
 
     def __init__(self, model: nn.Module, pattern: IndexCachePattern | str | float, *, stage: str = "dense",
-                 kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto"):
+                 kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto",
+                 selection_chunk_rows: int | None = 4096):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"Unknown distillation stage {stage!r}; choose from {STAGES}.")
         if teacher_form not in TEACHER_FORMS:
             raise ValueError(f"Unknown teacher form {teacher_form!r}; choose from {TEACHER_FORMS}.")
-        self.model = apply_indexcache(model, pattern)
+        # transformers' indexer scores all heads and keys at once, O(Hi L^2) in memory; select in chunks.
+        self.model = use_chunked_selection(apply_indexcache(model, pattern), selection_chunk_rows)
         self.adapter = get_adapter(model)
         self.pattern = current_pattern(model)
         self.stage, self.kl_backend, self.recall_rows = stage, kl_backend, recall_rows

@@ -209,7 +209,8 @@ def train(cfg: DictConfig) -> dict:
     model.to(device).eval()  # before the pattern, so that removed indexers live on the same device
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
                                        kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
-                                       teacher_form=cfg.distill.teacher_form)
+                                       teacher_form=cfg.distill.teacher_form,
+                                       selection_chunk_rows=cfg.distill.selection_chunk_rows)
     counts = distillation.freeze()
     log.info("Pattern %s: %d trainable parameters (F-layer indexers), %d frozen.", distillation.pattern,
              counts["trainable"], counts["frozen"])
