@@ -1,10 +1,16 @@
 import os
+import tempfile
 
 import torch
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, so it is set before any test module imports one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# DeepSpeed JIT-builds a small CPU op under a file lock in the torch extensions cache; a build killed
+# earlier leaves the lock behind and every later run waits on it forever. A fresh folder per test session
+# costs one build (~30 s) and is shared with the subprocesses (2-rank runs, notebooks) through the env.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="indexcache-torch-extensions-"))
 
 import pytest  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
