@@ -104,10 +104,11 @@ class IndexerDistillation(nn.Module):
         groups: dict[int, IndexerKLLoss] = {}
         metrics: dict[str, torch.Tensor] = {}
         sparse = self.stage == "sparse"
+        wants_grad = torch.is_grad_enabled()  # an evaluation under no_grad builds no graph
 
         def open_group(indexer: nn.Module, args, output: torch.Tensor) -> None:
             hidden_states, q_resid, position_embeddings = args[:3]
-            with torch.enable_grad():
+            with torch.set_grad_enabled(wants_grad):
                 projections = self.adapter.indexer_projections(indexer, hidden_states.detach(), q_resid.detach(),
                                                                position_embeddings)
             layer = indexer.layer_idx

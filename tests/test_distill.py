@@ -107,3 +107,11 @@ def test_chunked_selection_gives_the_same_step(model_type):
                                            kl_backend="torch", recall_rows=0, selection_chunk_rows=chunk_rows)
         losses.append(distillation(ids)[0])
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+
+
+def test_no_graph_under_no_grad():
+    distillation = IndexerDistillation(build_tiny(initializer_range=0.2), "FSSF", kl_backend="torch", recall_rows=0)
+    distillation.freeze()
+    with torch.no_grad():
+        loss, _ = distillation(torch.randint(0, 257, (1, 24)))
+    assert not loss.requires_grad
