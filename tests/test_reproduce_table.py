@@ -1,0 +1,81 @@
+"""scripts/reproduce_table.py end to end on a CPU, on a tiny random GlmMoeDsa: five rows per ratio, finite
+losses, recalls in [0, 1], the all-F row shared by every ratio, and the report files."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from indexcache_train.modeling import byte_tokenizer, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "reproduce_table.py"
+
+
+def test_reproduce_table_tiny(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config("glm_moe_dsa", num_hidden_layers=4, index_topk=8, initializer_range=0.2,
+                         max_position_embeddings=128)
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+
+    out = tmp_path / "table"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(model_dir), "--out", str(out), "--ratios", "0.5",
+         "--distill-steps", "2", "--seq-len", "64", "--eval-batches", "1", "--calib-batches", "1",
+         "--batch-size", "2", "--max-train-records", "20", "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    summary = json.loads(Path(f"{out}.json").read_text())
+    assert set(summary["results"]) == {"0.5"}
+    rows = summary["results"]["0.5"]["rows"]
+    assert sorted(rows) == ["a", "b", "c", "d", "e"]
+    for key, row in rows.items():
+        assert math.isfinite(row["lm_loss"]), (key, row)
+        assert 0.0 <= row["recall"] <= 1.0 + 1e-6, (key, row)
+        assert all(0.0 <= r <= 1.0 + 1e-6 for r in row["recall_per_layer"]), (key, row)
+        assert len(row["recall_per_layer"]) == 4
+    assert rows["a"]["pattern"] == "FFFF"
+    assert rows["b"]["pattern"] == rows["d"]["pattern"] == rows["e"]["pattern"] == "FSFS"  # paper's uniform 1/2
+    assert rows["c"]["num_full"] == 2 and rows["c"]["pattern"][0] == "F"
+    assert rows["d"]["training"]["train_pattern"] == "FSFS"
+    assert rows["e"]["training"]["train_pattern"] == "FFFF"  # own layer only
+    assert rows["d"]["training"]["trained_layers"] == rows["e"]["training"]["trained_layers"] == [0, 2]
+    for key in "de":
+        curve = rows[key]["training"]["kl_curve"]
+        assert len(curve["dense"]) + len(curve["sparse"]) == 2
+        assert all(math.isfinite(v) for v in curve["dense"] + curve["sparse"])
+
+    report = Path(f"{out}.md").read_text()
+    assert "scripts/reproduce_table.py" in report and "--distill-steps 2" in report
+    assert "quoted" in report and "50.2" in report  # the paper's figures, labelled
+    assert f"{rows['b']['lm_loss']:.4f}" in report
+
+
+def test_all_full_row_same_across_ratios(tmp_path):
+    """Two ratios: (a) is measured once and reported for both; the searched patterns nest."""
+    torch.manual_seed(1)
+    config = tiny_config("glm_moe_dsa", num_hidden_layers=4, index_topk=8, initializer_range=0.2,
+                         max_position_embeddings=128)
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "table"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(model_dir), "--out", str(out), "--ratios", "0.5", "0.25",
+         "--distill-steps", "1", "--seq-len", "64", "--eval-batches", "1", "--calib-batches", "1",
+         "--batch-size", "2", "--max-train-records", "20", "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads(Path(f"{out}.json").read_text())["results"]
+    assert set(results) == {"0.5", "0.25"}
+    assert results["0.5"]["rows"]["a"] == results["0.25"]["rows"]["a"]
+    half, quarter = results["0.5"]["rows"]["c"]["pattern"], results["0.25"]["rows"]["c"]["pattern"]
+    assert [i for i, c in enumerate(quarter) if c == "F"] == [0]
+    assert {i for i, c in enumerate(quarter) if c == "F"} <= {i for i, c in enumerate(half) if c == "F"}
