@@ -116,6 +116,7 @@ class IndexerDistillation(nn.Module):
                 projections.query, projections.key, projections.weights,
                 num_layers=1 + len(self.pattern.groups[layer]),
                 topk_indices=causal_topk(output) if sparse else None, backend=self.kl_backend,
+                check_indices=False,  # causal_topk leaves only keys s <= t, or -1
             )
 
         teacher = self.absorbed_teacher()

@@ -133,6 +133,26 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
     ]
 
 
+@torch.no_grad()
+def layer_recalls(model, batches: Iterable[torch.Tensor]) -> list[float]:
+    """Per layer, on `model` as it runs (its current pattern): the attention-mass recall of the top-k the
+    layer attends to (its own on an F layer, its F layer's on an S layer), over rows with more candidate
+    keys than `index_topk`."""
+    topk, num_layers = model.config.index_topk, model.config.num_hidden_layers
+    sums = torch.zeros(num_layers, dtype=torch.float64)
+    rows = 0
+
+    def on_attention(call: AttentionCall) -> None:
+        recall = attention_recall(dense_attention_probs(call), call.topk_indices)[:, topk:]
+        sums[call.layer] += recall.sum().double().cpu()
+
+    with attention_taps(model, on_attention):
+        for ids in tqdm(batches, desc="attention-mass recall"):
+            model(input_ids=ids, use_cache=False)
+            rows += ids.shape[0] * (ids.shape[1] - topk)
+    return (sums / rows).tolist()
+
+
 def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | str | float) -> EvalReport:
     """Evaluate `pattern` on `model` (left running with the pattern applied afterwards)."""
     adapter = get_adapter(model)

@@ -62,10 +62,9 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from indexcache_train.adapters import get_adapter  # noqa: E402
-from indexcache_train.capture import attention_taps, dense_attention_probs  # noqa: E402
 from indexcache_train.data import build_dataloader, load_packed  # noqa: E402
 from indexcache_train.distill import IndexerDistillation  # noqa: E402
-from indexcache_train.evaluate import attention_recall, lm_loss, resolve_device  # noqa: E402
+from indexcache_train.evaluate import layer_recalls, lm_loss, resolve_device  # noqa: E402
 from indexcache_train.modeling import byte_tokenizer, tiny_config  # noqa: E402
 from indexcache_train.train import warmup_cosine  # noqa: E402
 
@@ -215,24 +214,6 @@ PHASES = [
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def topk_recall(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
-    """Per layer, under DSA: the share of the layer's dense attention mass (head mean, from the same forward's
-    queries and keys) inside its own indexer's top-k, over the rows with more keys than index_topk."""
-    topk, num_layers = model.config.index_topk, model.config.num_hidden_layers
-    sums = torch.zeros(num_layers, dtype=torch.float64)
-
-    def on_attention(call) -> None:
-        recall = attention_recall(dense_attention_probs(call), call.topk_indices)[:, topk:]
-        sums[call.layer] += recall.sum().double().cpu()
-
-    with attention_taps(model, on_attention):
-        for ids in batches:
-            model(input_ids=ids)
-    rows = sum(ids.shape[0] * (ids.shape[1] - topk) for ids in batches)
-    return (sums / rows).tolist()
-
-
 def indexer_kl(model: nn.Module, batches: list[torch.Tensor], stage: str) -> list[float]:
     """Per layer: the mean KL of its indexer to its own layer's attention, dense or over its top-k."""
     distillation = IndexerDistillation(model, all_full(model), stage=stage, recall_rows=0)
@@ -251,7 +232,7 @@ def validate(model: nn.Module, batches: list[torch.Tensor]) -> dict:
         kl_dense = indexer_kl(model, batches, "dense")
     loss_dsa = lm_loss(model, batches, f"val LM loss (DSA, top-{topk})")
     kl_sparse = indexer_kl(model, batches, "sparse")
-    recall = topk_recall(model, batches)
+    recall = layer_recalls(model, batches)
     return {
         "lm_loss_dense": loss_dense, "lm_loss_dsa": loss_dsa,
         "kl_dense": _mean(kl_dense), "kl_sparse": _mean(kl_sparse), "topk_recall": _mean(recall),

@@ -16,7 +16,7 @@ attention-mass recall of five rows:
                                only), same steps and batches as (d); then evaluated with the uniform pattern
 
 **Mean attention-mass recall** (one definition, every row): run the model with the row's pattern through the
-attention tap (`capture.attention_taps`). For each layer, take its dense causal attention, head-averaged
+attention tap (`evaluate.layer_recalls`, through `capture.attention_taps`). For each layer, take its dense causal attention, head-averaged
 (`capture.dense_attention_probs`, from that forward's own queries and keys), and sum it over the top-k the
 layer actually attends to under the pattern (its own indexer's on an F layer, its F layer's on an S layer):
 `evaluate.attention_recall`. Only queries with more than `index_topk` candidate keys count (on the others any
@@ -58,15 +58,9 @@ from transformers import AutoTokenizer
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from indexcache_train.adapters import apply_indexcache, get_adapter
-from indexcache_train.capture import attention_taps, dense_attention_probs
 from indexcache_train.data import build_dataloader, load_packed
 from indexcache_train.distill import IndexerDistillation
-from indexcache_train.evaluate import (
-    attention_recall,
-    check_seq_len,
-    lm_loss,
-    resolve_device,
-)
+from indexcache_train.evaluate import check_seq_len, layer_recalls, lm_loss, resolve_device
 from indexcache_train.modeling import load_model
 from indexcache_train.pattern import IndexCachePattern
 from indexcache_train.search import greedy_search
@@ -108,24 +102,6 @@ cross-layer loss.
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-@torch.no_grad()
-def layer_recalls(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
-    """Per layer, the attention-mass recall of the selection the layer uses in the model's current pattern
-    (see RECALL_DEFINITION)."""
-    topk, num_layers = model.config.index_topk, model.config.num_hidden_layers
-    sums = torch.zeros(num_layers, dtype=torch.float64)
-
-    def on_attention(call) -> None:
-        recall = attention_recall(dense_attention_probs(call), call.topk_indices)[:, topk:]
-        sums[call.layer] += recall.sum().double().cpu()
-
-    with attention_taps(model, on_attention):
-        for ids in tqdm(batches, desc="attention-mass recall"):
-            model(input_ids=ids, use_cache=False)
-    rows = sum(ids.shape[0] * (ids.shape[1] - topk) for ids in batches)
-    return (sums / rows).tolist()
-
-
 def measure(model: nn.Module, pattern: IndexCachePattern, batches: list[torch.Tensor]) -> dict:
     """Validation LM loss and recall of `model` running `pattern`."""
     apply_indexcache(model, pattern)

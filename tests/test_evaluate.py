@@ -12,6 +12,7 @@ from indexcache_train.evaluate import (
     format_report,
     index_overlap,
     indexer_flops_per_layer,
+    layer_recalls,
 )
 
 
@@ -69,3 +70,14 @@ def test_cli_writes_json_and_prints_a_table(tmp_path):
     assert report["pattern"] == "FSSS" and len(report["shared_layers"]) == 3
     assert report["indexer_flops_removed"] == 0.75
     assert "attention recall" in result.stdout
+
+
+def test_layer_recalls_follow_the_running_pattern():
+    model = build_tiny("glm_moe_dsa")
+    batches = [torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))]
+    all_full = layer_recalls(model, batches)
+    evaluate(model, batches, "FSFS")  # leaves the model running FSFS
+    shared = layer_recalls(model, batches)
+    assert len(all_full) == 4 and all(0 < r <= 1 for r in all_full + shared)
+    assert shared[0] == pytest.approx(all_full[0])  # layer 0 runs the same in both
+    assert shared[1] != pytest.approx(all_full[1])  # layer 1 now attends to layer 0's top-k

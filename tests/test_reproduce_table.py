@@ -16,23 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_table.py"
 
 
-def test_reproduce_table_tiny(tmp_path):
-    torch.manual_seed(0)
+def run_script(tmp_path, *args, seed=0):
+    """Save a tiny random GlmMoeDsa with a byte tokenizer, run the script on it, return its JSON and report."""
+    torch.manual_seed(seed)
     config = tiny_config("glm_moe_dsa", num_hidden_layers=4, index_topk=8, initializer_range=0.2,
                          max_position_embeddings=128)
-    model_dir = tmp_path / "model"
+    model_dir, out = tmp_path / "model", tmp_path / "table"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
-
-    out = tmp_path / "table"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", str(model_dir), "--out", str(out), "--ratios", "0.5",
-         "--distill-steps", "2", "--seq-len", "64", "--eval-batches", "1", "--calib-batches", "1",
-         "--batch-size", "2", "--max-train-records", "20", "--device", "cpu"],
+        [sys.executable, str(SCRIPT), "--model", str(model_dir), "--out", str(out), *args, "--seq-len", "64",
+         "--eval-batches", "1", "--calib-batches", "1", "--batch-size", "2", "--max-train-records", "20",
+         "--device", "cpu"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(Path(f"{out}.json").read_text()), Path(f"{out}.md").read_text()
 
-    summary = json.loads(Path(f"{out}.json").read_text())
+
+def test_reproduce_table_tiny(tmp_path):
+    summary, report = run_script(tmp_path, "--ratios", "0.5", "--distill-steps", "2")
     assert set(summary["results"]) == {"0.5"}
     rows = summary["results"]["0.5"]["rows"]
     assert sorted(rows) == ["a", "b", "c", "d", "e"]
@@ -52,7 +54,6 @@ def test_reproduce_table_tiny(tmp_path):
         assert len(curve["dense"]) + len(curve["sparse"]) == 2
         assert all(math.isfinite(v) for v in curve["dense"] + curve["sparse"])
 
-    report = Path(f"{out}.md").read_text()
     assert "scripts/reproduce_table.py" in report and "--distill-steps 2" in report
     assert "quoted" in report and "50.2" in report  # the paper's figures, labelled
     assert f"{rows['b']['lm_loss']:.4f}" in report
@@ -60,20 +61,7 @@ def test_reproduce_table_tiny(tmp_path):
 
 def test_all_full_row_same_across_ratios(tmp_path):
     """Two ratios: (a) is measured once and reported for both; the searched patterns nest."""
-    torch.manual_seed(1)
-    config = tiny_config("glm_moe_dsa", num_hidden_layers=4, index_topk=8, initializer_range=0.2,
-                         max_position_embeddings=128)
-    model_dir = tmp_path / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    out = tmp_path / "table"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", str(model_dir), "--out", str(out), "--ratios", "0.5", "0.25",
-         "--distill-steps", "1", "--seq-len", "64", "--eval-batches", "1", "--calib-batches", "1",
-         "--batch-size", "2", "--max-train-records", "20", "--device", "cpu"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    results = json.loads(Path(f"{out}.json").read_text())["results"]
+    results = run_script(tmp_path, "--ratios", "0.5", "0.25", "--distill-steps", "1", seed=1)[0]["results"]
     assert set(results) == {"0.5", "0.25"}
     assert results["0.5"]["rows"]["a"] == results["0.25"]["rows"]["a"]
     half, quarter = results["0.5"]["rows"]["c"]["pattern"], results["0.25"]["rows"]["c"]["pattern"]

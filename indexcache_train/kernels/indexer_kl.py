@@ -117,12 +117,12 @@ class IndexerKLLoss:
     """
 
     def __init__(self, index_q, index_k, index_weights, *, num_layers: int, topk_indices=None,
-                 backend: str | None = None):
+                 backend: str | None = None, check_indices: bool = True):
         _check_index_tensors(index_q, index_k, index_weights)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
         batch, seq_len = index_q.shape[:2]
-        if topk_indices is not None:
+        if topk_indices is not None and check_indices:  # the range check syncs with the device
             check_topk_indices(topk_indices, batch, seq_len)
         self.index_tensors = (index_q, index_k, index_weights)
         self.num_layers, self.topk_indices = num_layers, topk_indices
