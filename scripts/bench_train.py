@@ -51,8 +51,9 @@ from indexcache_train.modeling import tiny_config
 
 GIB = 1024**3
 PATTERN = 0.25  # uniform 1/4: FSSS per group
-# Indexer 8 heads x 128: transformers' own indexer forward materialises fp32 scores [B, L, Hi, L] twice
-# (matmul, relu), 8 Hi L^2 bytes, in both trainers: 64 GiB at 32K with 8 heads, 128 GiB with 16.
+# Indexer 8 heads x 128. Both trainers share one model, on which IndexerDistillation installs the chunked
+# top-k selection: transformers' own indexer forward would hold fp32 scores [B, L, Hi, L] twice (8 Hi L^2
+# bytes, 64 GiB at 32K with 8 heads) in both.
 MODEL_SIZES = {
     "mid": {"dtype": torch.bfloat16, "config": {
         "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8,
