@@ -100,10 +100,15 @@ def check_seq_len(config, seq_len: int) -> None:
 
 @torch.no_grad()
 def lm_loss(model, batches: Iterable[torch.Tensor], desc: str) -> float:
-    losses = [model(input_ids=ids, labels=ids).loss.float().item() for ids in tqdm(batches, desc=desc)]
-    if not losses:
+    """Mean next-token loss per predicted token, so that a short last batch weighs no more than its tokens."""
+    total, tokens = 0.0, 0
+    for ids in tqdm(batches, desc=desc):
+        predicted = ids[:, 1:].numel()
+        total += model(input_ids=ids, labels=ids).loss.float().item() * predicted
+        tokens += predicted
+    if not tokens:
         raise ValueError("No evaluation batch: the data is empty.")
-    return sum(losses) / len(losses)
+    return total / tokens
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from indexcache_train.evaluate import (
     index_overlap,
     indexer_flops_per_layer,
     layer_recalls,
+    lm_loss,
 )
 
 
@@ -32,6 +33,15 @@ def test_flops_grow_quadratically():
     config = build_tiny().config
     short, long = indexer_flops_per_layer(config, 1000), indexer_flops_per_layer(config, 4000)
     assert 10 < long / short < 16
+
+
+def test_lm_loss_weighs_batches_by_their_tokens():
+    model = build_tiny().eval()
+    ids = torch.randint(0, 257, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = lm_loss(model, [ids], "one batch")
+        split = lm_loss(model, [ids[:2], ids[2:]], "a full and a short batch")
+    assert split == pytest.approx(whole, rel=1e-5)
 
 
 def test_evaluate_tiny_model(model_type):
