@@ -57,7 +57,7 @@ import torch
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -218,11 +218,14 @@ def indexer_kl(model: nn.Module, batches: list[torch.Tensor], stage: str) -> lis
     """Per layer: the mean KL of its indexer to its own layer's attention, dense or over its top-k."""
     distillation = IndexerDistillation(model, all_full(model), stage=stage, recall_rows=0)
     sums = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    sequences = 0
     with torch.no_grad():
-        for ids in batches:
+        for ids in batches:  # each batch's KL is a mean over its sequences: weigh it by their number
             metrics = distillation(ids)[1]
-            sums += torch.tensor([metrics[f"kl/layer{i}"].item() for i in range(len(sums))], dtype=torch.float64)
-    return (sums / len(batches)).tolist()
+            sums += ids.shape[0] * torch.tensor([metrics[f"kl/layer{i}"].item() for i in range(len(sums))],
+                                                dtype=torch.float64)
+            sequences += ids.shape[0]
+    return (sums / sequences).tolist()
 
 
 def validate(model: nn.Module, batches: list[torch.Tensor]) -> dict:
@@ -306,14 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 distillation and evaluation forwards
     out = Path(args.out)
+    if args.rescore:
+        return rescore(out, args)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = byte_tokenizer()
     train = load_packed(seq_len=args.context, tokenizer=tokenizer, split="train", max_records=args.max_records)
-    validation = load_packed(seq_len=args.context, tokenizer=tokenizer, split="validation")
-    validation = validation.select(range(min(args.eval_sequences, len(validation))))
-    val_batches = [b["input_ids"].to(args.device) for b in
-                   build_dataloader(validation, args.batch_size, seed=args.seed, shuffle=False, drop_last=False)]
+    validation, val_batches = validation_batches(tokenizer, args)
     loader = build_dataloader(train, args.batch_size, seed=args.seed, infinite=True)
     print(f"Data: {len(train)} training and {len(validation)} validation sequences of {args.context} bytes "
           "(the standard library's .py files, split by file).")
@@ -356,8 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": _command(sys.argv if argv is None else ["scripts/pretrain_tiny.py", *argv]),
         "rerun_command": _command(_rerun_argv(argv, steps)),
         "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__, "device": _device_name(args.device)},
+        "environment": _environment(args.device),
         "model": {"parameters": num_params, "indexer_parameters": sum(p.numel() for p in indexer_parameters(model)),
                   "size": args.model_size, **MODEL_SIZES[args.model_size], "index_topk": args.index_topk,
                   "context": args.context},
@@ -370,10 +371,37 @@ def main(argv: list[str] | None = None) -> dict:
         "safetensors_bytes": (out / "model.safetensors").stat().st_size,
         "wall_seconds": time.perf_counter() - started,
     }
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
-    (out / "README.md").write_text(model_card(summary))
+    _write_atomically(out / "pretrain.json", json.dumps(summary, indent=2))
+    _write_atomically(out / "README.md", model_card(summary))
     print(f"Wrote {out} ({summary['safetensors_bytes'] / 1e6:.1f} MB of weights) in "
           f"{summary['wall_seconds'] / 60:.1f} minutes.")
+    return summary
+
+
+def validation_batches(tokenizer, args: argparse.Namespace) -> tuple:
+    validation = load_packed(seq_len=args.context, tokenizer=tokenizer, split="validation")
+    validation = validation.select(range(min(args.eval_sequences, len(validation))))
+    return validation, [b["input_ids"].to(args.device) for b in build_dataloader(
+        validation, args.batch_size, seed=args.seed, shuffle=False, drop_last=False)]
+
+
+def rescore(out: Path, args: argparse.Namespace) -> dict:
+    """Score the saved model in `out` on this interpreter's validation split, with the evaluation code of this
+    checkout; record the figures in pretrain.json as "rescored" and rewrite the card."""
+    summary_path = out / "pretrain.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"No pretrain.json in {out}: --rescore needs a folder that this recipe wrote.")
+    summary = json.loads(summary_path.read_text())
+    args.context = summary["model"]["context"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="sdpa")
+    model.to(args.device).eval()
+    validation, val_batches = validation_batches(AutoTokenizer.from_pretrained(out), args)
+    summary["rescored"] = {"command": _command(["scripts/pretrain_tiny.py", *sys.argv[1:]]),
+                           "environment": _environment(args.device), "validation_sequences": len(validation),
+                           "validation": validate(model, val_batches)}
+    print(f"rescored: {describe(summary['rescored']['validation'])}")
+    _write_atomically(summary_path, json.dumps(summary, indent=2))
+    _write_atomically(out / "README.md", model_card(summary))
     return summary
 
 
@@ -381,6 +409,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="only score the model already in --out and record it in its pretrain.json and card")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run")
     parser.add_argument("--steps", type=int, nargs=3, metavar=("PRETRAIN", "WARMUP", "SPARSE"),
@@ -424,8 +454,16 @@ def _rerun_argv(argv: list[str] | None, steps: dict[str, int]) -> list[str]:
     return ["scripts/pretrain_tiny.py", *kept, "--steps", *map(str, steps.values())]
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+def _environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": name}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def model_card(summary: dict) -> str:
@@ -497,6 +535,21 @@ LM losses are in nats per byte. DSA: each layer attends only to its own indexer'
 Top-k recall: the share of a layer's dense attention mass (head mean) inside its indexer's top-k, over the
 queries with more than {model['index_topk']} keys, averaged over layers; per layer after the last phase:
 {recall}. The last row is measured on the shipped (bf16-rounded) weights. All figures are in `pretrain.json`.
+{_rescored_paragraph(summary)}"""
+
+
+def _rescored_paragraph(summary: dict) -> str:
+    if "rescored" not in summary:
+        return ""
+    rescored, env = summary["rescored"], summary["rescored"]["environment"]
+    return f"""
+**Rescored from these files** ({rescored['validation_sequences']} validation sequences, {env['device']},
+Python {env['python']}, torch {env['torch']}): {describe(rescored['validation'])}.
+```
+{rescored['command']}
+```
+It re-reads the shipped weights with the evaluation code of that checkout; it can differ from the last row
+above only where that code or the interpreter's standard library (and so the validation split) differs.
 """
 
 

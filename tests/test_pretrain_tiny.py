@@ -106,3 +106,23 @@ def test_the_rerun_command_reproduces_the_figures(recipe, pretrained, tmp_path):
 
 def validation_figures(summary: dict) -> dict:
     return {name: record if name == "init" else record["validation"] for name, record in summary["figures"].items()}
+
+
+def test_rescore_reproduces_the_last_row_from_the_saved_files(recipe, pretrained, tmp_path):
+    out, summary = pretrained
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for path in out.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    rescored = recipe.main(["--out", str(copy), "--rescore", *MICRO])["rescored"]["validation"]
+    shipped = summary["figures"]["sparse"]["validation"]
+    for key in ("lm_loss_dense", "lm_loss_dsa", "kl_dense", "kl_sparse", "topk_recall"):
+        assert rescored[key] == pytest.approx(shipped[key], rel=1e-4, abs=1e-6), key
+    card = (copy / "README.md").read_text()
+    assert "Rescored from these files" in card and f"{rescored['lm_loss_dsa']:.4f}" in card
+    assert json.loads((copy / "pretrain.json").read_text())["figures"] == summary["figures"]
+
+
+def test_rescore_needs_a_recipe_folder(recipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrain.json"):
+        recipe.main(["--out", str(tmp_path), "--rescore", "--device", "cpu"])
