@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 # Absolute, so that Hydra finds the configs from console scripts too (it reads a relative path as a module).
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+# The package's own small pretrained DSA model (scripts/pretrain_tiny.py); configs name it `${embedded_model:}`.
+EMBEDDED_MODEL_DIR = str(Path(__file__).resolve().parent / "embedded_model")
+OmegaConf.register_new_resolver("embedded_model", lambda: EMBEDDED_MODEL_DIR, replace=True)
 
 
 @dataclass

@@ -30,7 +30,8 @@ def test_cli_writes_matrices_and_heatmaps(tmp_path):
     out = tmp_path / "analyze"
     result = subprocess.run(
         [sys.executable, "-m", "indexcache_train.analyze", f"output_dir={out}",
-         "model.random_init.num_hidden_layers=4", "data.seq_len=48", "data.max_records=30", "num_batches=1"],
+         "model=tiny_glm", "model.random_init.num_hidden_layers=4", "data.seq_len=48", "data.max_records=30",
+         "num_batches=1"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

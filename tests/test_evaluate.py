@@ -72,7 +72,8 @@ def test_cli_writes_json_and_prints_a_table(tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run(
         [sys.executable, "-m", "indexcache_train.evaluate", f"output_dir={out}", "pattern=FSSS",
-         "model.random_init.num_hidden_layers=4", "data.seq_len=64", "data.max_records=30", "num_batches=2"],
+         "model=tiny_glm", "model.random_init.num_hidden_layers=4", "data.seq_len=64", "data.max_records=30",
+         "num_batches=2"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

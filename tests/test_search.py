@@ -114,8 +114,8 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch, c
 def test_cli_writes_search_json_with_references_and_a_plot(tmp_path):
     out = tmp_path / "search"
     result = subprocess.run(
-        [sys.executable, "-m", "indexcache_train.search", f"output_dir={out}", "model.random_init.num_hidden_layers=4",
-         "data.seq_len=48", "data.max_records=30", "num_batches=1", "search.ratio=0.25",
+        [sys.executable, "-m", "indexcache_train.search", f"output_dir={out}", "model=tiny_glm",
+         "model.random_init.num_hidden_layers=4", "data.seq_len=48", "data.max_records=30", "num_batches=1", "search.ratio=0.25",
          "search.reference_freqs=[2,4]"],
         capture_output=True, text=True, timeout=300,
     )
