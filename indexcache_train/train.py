@@ -186,6 +186,8 @@ def format_before_after(before: dict, after: dict) -> str:
     for label, key in rows:
         if before.get(key) is not None:
             lines.append(f"{label:28}{before[key]:>10.4f}{after[key]:>10.4f}")
+    if before.get("lm_loss_as_loaded") is not None:
+        lines.append(f"LM loss of the model as loaded, with all its indexers: {before['lm_loss_as_loaded']:.4f}")
     return "\n".join(lines)
 
 
@@ -207,6 +209,11 @@ def train(cfg: DictConfig) -> dict:
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     check_seq_len(model.config, cfg.data.seq_len)
     model.to(device).eval()  # before the pattern, so that removed indexers live on the same device
+    resume_from = _resume_path(cfg, output_dir)
+    eval_batches = load_eval_batches(cfg, tokenizer, device)
+    # The loss with every indexer the checkpoint has: what the distilled pattern should come back to.
+    loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
+                      if eval_batches and resume_from is None else None)
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
                                        kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
                                        teacher_form=cfg.distill.teacher_form,
@@ -220,7 +227,6 @@ def train(cfg: DictConfig) -> dict:
                          max_records=cfg.data.max_records)
     loader = build_dataloader(packed, cfg.trainer.micro_batch_size, seed=cfg.data.seed, rank=rank,
                               world_size=world_size, infinite=True)
-    eval_batches = load_eval_batches(cfg, tokenizer, device)
 
     trainable = [p for p in distillation.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas),
@@ -233,13 +239,16 @@ def train(cfg: DictConfig) -> dict:
                                            config=deepspeed_config(cfg, bf16))
 
     step = 0
-    resume_from = _resume_path(cfg, output_dir)
     if resume_from is not None:
         step = load_checkpoint(engine, resume_from, loader, rank)
         log.info("Resumed from %s at step %d.", resume_from, step)
     eval_stage = stage_at(cfg, cfg.trainer.max_steps - 1)  # before and after compare in the final stage
-    before = (pattern_eval(distillation, eval_batches, eval_stage) if step == 0
-              else _read_json(output_dir / "eval_before.json"))
+    if step == 0:
+        before = pattern_eval(distillation, eval_batches, eval_stage)
+        if before:
+            before["lm_loss_as_loaded"] = loss_as_loaded
+    else:
+        before = _read_json(output_dir / "eval_before.json")
     run_info = {"model": OmegaConf.to_container(cfg.model, resolve=True), "pattern": str(distillation.pattern),
                 "max_steps": cfg.trainer.max_steps}
     tracker = Tracker(cfg, output_dir, rank)
@@ -293,7 +302,7 @@ def train(cfg: DictConfig) -> dict:
         if before:
             print(format_before_after(before, after))
     if cfg.export:
-        card = {"pattern": str(distillation.pattern), "steps": step, "stage": cfg.distill.stage,
+        card = {"steps": step, "stage": cfg.distill.stage,
                 **{f"after/{k}": v for k, v in after.items() if not k.startswith(("kl/", "recall/"))}}
         export_dir = export_indexcache(distillation.model, output_dir / "export", base_path=cfg.model.name_or_path,
                                        tokenizer=tokenizer, model_card=card)
