@@ -35,7 +35,9 @@ evaluations becomes a step count per phase (70/20/10%). The counts are printed a
         --max-steps-per-phase 24 --device cpu                                          # a smoke run
 
 Outputs in `--out`: model.safetensors (bf16) and config.json, the tokenizer, pretrain.json (every phase's
-figures) and README.md (the model card). Plain `AutoModelForCausalLM.from_pretrained(out)` loads it.
+figures) and README.md (the model card). Plain `AutoModelForCausalLM.from_pretrained(out)` loads it. The
+package's embedded default model (`indexcache_train/embedded_model/`) is one such folder; `--rescore`
+re-scores a folder's saved weights with this checkout's evaluation and adds the figures to its card.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ the same batches. The dense stage uses `--dense-lr` (1e-3, DeepSeek's warm-up LR
 model and moves a 7M-parameter model's indexers by nothing in a few hundred steps). Each stage has its own
 AdamW with a linear warm-up then a cosine (`train.warmup_cosine`).
 
-    python scripts/pretrain_tiny.py --out outputs/pretrain_tiny --device cuda
-    python scripts/reproduce_table.py --model outputs/pretrain_tiny --out outputs/reproduce/table --device cuda
+    python scripts/reproduce_table.py --out outputs/reproduce/table --device cuda   # the embedded model, ~6.5 min
+    python scripts/reproduce_table.py --model outputs/pretrain_tiny --out ...       # a fresh pretrain_tiny.py run
 
 Writes `OUT.json` (every figure, per layer too, the search steps and the training curves) and `OUT.md` (the
 table, the exact command, and the paper's figures next to it, labelled as quoted).
@@ -58,6 +58,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from indexcache_train.adapters import apply_indexcache, get_adapter
+from indexcache_train.config import EMBEDDED_MODEL_DIR
 from indexcache_train.data import build_dataloader, load_packed
 from indexcache_train.distill import IndexerDistillation
 from indexcache_train.evaluate import check_seq_len, layer_recalls, lm_loss, resolve_device
@@ -335,7 +336,8 @@ def device_name(device: torch.device) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a DSA model folder (scripts/pretrain_tiny.py's --out)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL_DIR,
+                        help="a DSA model folder (default: the embedded model, scripts/pretrain_tiny.py's output)")
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125],
                         help="retention ratios (fraction of indexers kept)")
