@@ -537,6 +537,8 @@ LM losses are in nats per byte. DSA: each layer attends only to its own indexer'
 Top-k recall: the share of a layer's dense attention mass (head mean) inside its indexer's top-k, over the
 queries with more than {model['index_topk']} keys, averaged over layers; per layer after the last phase:
 {recall}. The last row is measured on the shipped (bf16-rounded) weights. All figures are in `pretrain.json`.
+On a GPU a rerun of the same steps is not bit-identical; `docs/pretrain.md` of `indexcache_train` records how
+far apart two H200 runs landed.
 {_rescored_paragraph(summary)}"""
 
 
