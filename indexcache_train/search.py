@@ -26,7 +26,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from .adapters import SharedTopK, apply_indexcache, get_adapter
 from .capture import capture_topk
 from .config import CONFIG_DIR
 from .evaluate import check_seq_len, lm_loss, load_eval_batches, resolve_device
+from .files import write_text_atomically
 from .modeling import build_model_and_tokenizer
 from .pattern import OFFICIAL_OFFSET, PAPER_OFFSET, IndexCachePattern
 from .search_config import register_search_configs
@@ -282,9 +282,7 @@ def save_state(state: SearchState, path: str | Path | None, **extra) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**asdict(state), **extra}, indent=2))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps({**asdict(state), **extra}, indent=2))
 
 
 def load_state(path: str | Path) -> SearchState | None:

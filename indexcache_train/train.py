@@ -32,11 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .adapters import use_chunked_selection
 from .config import CONFIG_DIR, register_configs
 from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
 from .evaluate import check_seq_len, lm_loss, resolve_device
 from .export import export_indexcache, trained_indexer_state
+from .files import write_text_atomically
 from .modeling import build_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,8 +136,8 @@ def save_checkpoint(engine, distillation, output_dir: Path, step: int, loader, r
         if (root / tag).exists():
             shutil.rmtree(root / tag)
         os.replace(root / temporary, root / tag)
-        _write_atomically(root / "latest", tag)
-        _write_atomically(output_dir / "run.json", json.dumps({**run_info, "step": step}, indent=2))
+        write_text_atomically(root / "latest", tag)
+        write_text_atomically(output_dir / "run.json", json.dumps({**run_info, "step": step}, indent=2))
     torch.distributed.barrier()
     return root / tag
 
@@ -152,12 +154,6 @@ def load_checkpoint(engine, path: Path, loader, rank: int) -> int:
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return client_state["step"]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -211,7 +207,9 @@ def train(cfg: DictConfig) -> dict:
     model.to(device).eval()  # before the pattern, so that removed indexers live on the same device
     resume_from = _resume_path(cfg, output_dir)
     eval_batches = load_eval_batches(cfg, tokenizer, device)
-    # The loss with every indexer the checkpoint has: what the distilled pattern should come back to.
+    # The loss with every indexer the checkpoint has: what the distilled pattern should come back to. Its
+    # selection runs in query chunks, as in training, so that long sequences fit here too.
+    use_chunked_selection(model, cfg.distill.selection_chunk_rows)
     loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
                       if eval_batches and resume_from is None else None)
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
@@ -253,7 +251,7 @@ def train(cfg: DictConfig) -> dict:
                 "max_steps": cfg.trainer.max_steps}
     tracker = Tracker(cfg, output_dir, rank)
     if rank == 0:
-        _write_atomically(output_dir / "eval_before.json", json.dumps(before, indent=2))
+        write_text_atomically(output_dir / "eval_before.json", json.dumps(before, indent=2))
 
     batches = iter(loader)
     tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.seq_len * cfg.trainer.gradient_accumulation_steps
@@ -298,7 +296,7 @@ def train(cfg: DictConfig) -> dict:
     after = pattern_eval(distillation, eval_batches, eval_stage)
     summary = {"step": step, "pattern": str(distillation.pattern), "before": before, "after": after}
     if rank == 0:
-        _write_atomically(output_dir / "eval_after.json", json.dumps(after, indent=2))
+        write_text_atomically(output_dir / "eval_after.json", json.dumps(after, indent=2))
         if before:
             print(format_before_after(before, after))
     if cfg.export:

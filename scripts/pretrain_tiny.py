@@ -67,6 +67,7 @@ from indexcache_train.adapters import get_adapter  # noqa: E402
 from indexcache_train.data import build_dataloader, load_packed  # noqa: E402
 from indexcache_train.distill import IndexerDistillation  # noqa: E402
 from indexcache_train.evaluate import layer_recalls, lm_loss, resolve_device  # noqa: E402
+from indexcache_train.files import write_text_atomically  # noqa: E402
 from indexcache_train.modeling import byte_tokenizer, tiny_config  # noqa: E402
 from indexcache_train.train import warmup_cosine  # noqa: E402
 
@@ -373,8 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
         "safetensors_bytes": (out / "model.safetensors").stat().st_size,
         "wall_seconds": time.perf_counter() - started,
     }
-    _write_atomically(out / "pretrain.json", json.dumps(summary, indent=2))
-    _write_atomically(out / "README.md", model_card(summary))
+    write_text_atomically(out / "pretrain.json", json.dumps(summary, indent=2))
+    write_text_atomically(out / "README.md", model_card(summary))
     print(f"Wrote {out} ({summary['safetensors_bytes'] / 1e6:.1f} MB of weights) in "
           f"{summary['wall_seconds'] / 60:.1f} minutes.")
     return summary
@@ -402,8 +403,8 @@ def rescore(out: Path, args: argparse.Namespace) -> dict:
                            "environment": _environment(args.device), "validation_sequences": len(validation),
                            "validation": validate(model, val_batches)}
     print(f"rescored: {describe(summary['rescored']['validation'])}")
-    _write_atomically(summary_path, json.dumps(summary, indent=2))
-    _write_atomically(out / "README.md", model_card(summary))
+    write_text_atomically(summary_path, json.dumps(summary, indent=2))
+    write_text_atomically(out / "README.md", model_card(summary))
     return summary
 
 
@@ -460,12 +461,6 @@ def _environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": name}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def model_card(summary: dict) -> str:

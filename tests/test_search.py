@@ -115,8 +115,8 @@ def test_cli_writes_search_json_with_references_and_a_plot(tmp_path):
     out = tmp_path / "search"
     result = subprocess.run(
         [sys.executable, "-m", "indexcache_train.search", f"output_dir={out}", "model=tiny_glm",
-         "model.random_init.num_hidden_layers=4", "data.seq_len=48", "data.max_records=30", "num_batches=1", "search.ratio=0.25",
-         "search.reference_freqs=[2,4]"],
+         "model.random_init.num_hidden_layers=4", "data.seq_len=48", "data.max_records=30", "num_batches=1",
+         "search.ratio=0.25", "search.reference_freqs=[2,4]"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
