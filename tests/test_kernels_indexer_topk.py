@@ -105,14 +105,15 @@ def test_logits_match_reference(path, case):
     torch.testing.assert_close(logits.cpu().double(), reference_logits(*inputs, query_start), rtol=1e-5, atol=1e-6)
 
 
-def test_triton_gpu_tile_and_strided_inputs():
-    """The GPU's main tile (128 x 128), which the interpreter otherwise never runs, on strided inputs."""
+@pytest.mark.parametrize("config", GPU_CONFIGS)
+def test_triton_gpu_tiles_and_strided_inputs(config):
+    """The GPU's tile shapes, which the interpreter otherwise never runs, on strided inputs."""
     q, k, w = make_inputs(1, 150, 300, 3, 16, seed=5)
     q_wide = torch.zeros(1, 150, 4, 16)
     q_wide[:, :, :3] = q  # a row stride that is not Hi * Di
     ref = reference_logits(q, k, w, 150)
     q_wide, k, w = on_path("triton", q_wide, k, w)
-    logits = _logits_triton(q_wide[:, :, :3], k, w, 150, config=(128, 128, 8, 3))
+    logits = _logits_triton(q_wide[:, :, :3], k, w, 150, config=config)
     torch.testing.assert_close(logits.cpu().double(), ref, rtol=1e-5, atol=1e-6)
 
 

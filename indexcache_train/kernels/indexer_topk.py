@@ -66,11 +66,11 @@ def _indexer_logits_kernel(
     # int64 offsets: C * T passes 2^31 for long chunks, and T * Di for long sequences.
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    out_ptrs = out_ptr + b * s_o_b + rows64[:, None] * s_o_c + cols64[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
     if n0 > query_start + tl.minimum(m0 + BLOCK_M, C) - 1:
         # Above the causal diagonal for every row of the tile: nothing to compute.
-        tl.store(out_ptrs, tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32), mask=out_mask)
+        tl.store(out_ptr + b * s_o_b + rows64[:, None] * s_o_c + cols64[None, :],
+                 tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32), mask=out_mask)
     else:
         d = tl.arange(0, DIP)
         d_ok = d < Di
@@ -91,7 +91,8 @@ def _indexer_logits_kernel(
             s = tl.dot(q, k_t, input_precision="ieee")
             acc += tl.maximum(s, 0.0) * w[:, None]
         acc = tl.where(cols[None, :] > query_start + rows[:, None], float("-inf"), acc)
-        tl.store(out_ptrs, acc, mask=out_mask)
+        # The output pointers are formed only now: held through the head loop they cost ~20 registers.
+        tl.store(out_ptr + b * s_o_b + rows64[:, None] * s_o_c + cols64[None, :], acc, mask=out_mask)
 
 
 def _config(block_m, block_n, num_warps, num_stages):
@@ -100,7 +101,12 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). On a GPU `triton.autotune` picks among them once per (Hi, Di,
 # dtypes); the interpreter runs one small tile, so that small test shapes still span several tiles.
-GPU_CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4))
+# Each head step reads a [BLOCK_M, Di] q tile from L2 for 2*BLOCK_M*BLOCK_N*Di flops (1/BLOCK_N bytes a flop):
+# at BLOCK_N = 128 that is ~5.5 TB/s of L2 reads at 700 TFLOP/s, hence also 64 x 256 tiles. Compiled for sm_90
+# (bf16, Di = 128; not yet timed), none spills: 128 x 128 and 64 x 256 at 8 warps take ~195-210 registers (one
+# CTA per SM); 128 x 64 at 8 warps / 2 stages (125 registers, 80 KB) and 64 x 128 at 4 warps fit two per SM.
+GPU_CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 2), (64, 256, 8, 3), (64, 256, 8, 2), (128, 64, 8, 2),
+               (64, 128, 4, 3))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 _autotuned_logits_kernel = triton.autotune(
     configs=[_config(*c) for c in ((INTERPRETER_CONFIG,) if _INTERPRET else GPU_CONFIGS)], key=["Hi", "Di"],
