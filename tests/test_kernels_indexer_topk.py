@@ -117,6 +117,13 @@ def test_triton_gpu_tiles_and_strided_inputs(config):
     torch.testing.assert_close(logits.cpu().double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_no_query_rows(path):
+    q, k, w = on_path(path, *make_inputs(2, 0, 5, 3, 16))
+    assert indexer_logits(q, k, w, query_start=5, backend=path).shape == (2, 0, 5)
+    assert indexer_topk(q, k, w, 4, query_start=5, backend=path).shape == (2, 0, 4)
+
+
 def test_bf16_inputs_on_the_torch_path():
     q, k, w = make_inputs(2, 33, 50, 4, 16, seed=2, dtype=torch.bfloat16)
     logits = indexer_logits(q, k, w, query_start=17, backend="torch")

@@ -122,6 +122,8 @@ def _logits_triton(index_q, index_k, index_weights, query_start, config=None):
     if index_q.dtype == torch.float64:
         index_q, index_k = index_q.float(), index_k.float()
     out = torch.empty(B, C, T, dtype=torch.float32, device=index_q.device)
+    if C == 0:  # no program to launch
+        return out
     args = (index_q, index_k, index_weights, out, C, T, Hi, query_start,
             *index_q.stride()[:3], *index_k.stride()[:2], *index_weights.stride(), *out.stride()[:2])
     meta = dict(Di=Di, DIP=max(16, triton.next_power_of_2(Di)), CAST_FP32=index_q.device.type != "cuda")
@@ -209,7 +211,8 @@ def default_chunk_rows(batch: int, num_keys: int, device: torch.device) -> int:
 
 def indexer_topk(index_q, index_k, index_weights, topk, *, query_start=0, chunk_rows=None, backend=None):
     """int32 [B, L, min(topk, T)]: each query's top-k keys by the logits above, computed chunk_rows queries at a
-    time (default: a size that bounds the fp32 [B, chunk, T] block to ~1-2 GiB); a slot whose key is not
+    time (default: `default_chunk_rows`, which bounds the fp32 [B, chunk, T] block to 1 GiB on a GPU and to
+    256 MiB on CPU); a slot whose key is not
     visible (fewer than topk keys s <= t) is -1. Ties may be ordered differently from torch.topk on the
     native scores."""
     _check_inputs(index_q, index_k, index_weights, query_start)
