@@ -25,6 +25,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     random_init: dict[str, Any] | None = None  # without name_or_path: a tiny config for smoke runs
     seed: int = 0
+    fp8: str = "auto"  # an FP8 base: auto | native (transformers' FP8 kernels) | dequantize (fp8.py)
 
 
 @dataclass
@@ -77,12 +78,17 @@ class TrainerConfig:
     eval_batches: int = 4  # validation batches for the before/after table; 0 skips it
     seed: int = 0
     device: str = "auto"
+    gpu_memory_fraction: float | None = None  # caps this process's CUDA memory (a smaller GPU, for offload runs)
+    check_plan: bool = True  # print the memory plan at start; stop when it does not fit the GPU
 
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0
     bf16: Any = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload_param: str = "none"  # none | cpu | nvme (ZeRO-3)
+    offload_optimizer: str = "none"  # none | cpu | nvme (ZeRO 1-3)
+    nvme_path: str | None = None  # a local NVMe folder, for either offload to nvme
     config: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed config
 
 

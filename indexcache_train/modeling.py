@@ -15,6 +15,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .fp8 import quantization_config as fp8_quantization_config
+from .fp8 import resolve_route as fp8_route
+from .zero import load_partitioned, zero3_enabled
+
 TINY_DSA = dict(
     vocab_size=257, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
@@ -44,15 +48,21 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path."""
+               attn_implementation: str = "sdpa", fp8: str = "auto") -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path. Under a live ZeRO-3
+    `zero.ZeroContext` the weights load straight into partitions; an FP8 base takes the `fp8` route."""
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"No model at {name_or_path!r}: expected a folder holding config.json.")
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    route = fp8_route(config, fp8, zero3_enabled())
+    if zero3_enabled():
+        return load_partitioned(name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                attn_implementation=attn_implementation)
+    quantization = {"quantization_config": fp8_quantization_config(config, route)} if route else {}
     return AutoModelForCausalLM.from_pretrained(
         name_or_path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, **quantization,
     )
 
 
@@ -70,7 +80,7 @@ def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizer
     """From a `ModelConfig`: load `name_or_path`, or build `random_init` (a tiny config) for smoke runs."""
     if cfg.name_or_path:
         model = load_model(cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                           attn_implementation=cfg.attn_implementation)
+                           attn_implementation=cfg.attn_implementation, fp8=cfg.fp8)
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         return model, tokenizer
     if not cfg.random_init:
@@ -78,6 +88,8 @@ def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizer
     torch.manual_seed(cfg.seed)
     random_init = dict(cfg.random_init)
     config = tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     dtype = resolve_dtype(cfg.dtype)
-    return (model if dtype == "auto" else model.to(dtype)), byte_tokenizer()
+    # dtype at construction: under ZeRO-3 the parameters are partitions that a later .to() would not reach
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation,
+                                             **({} if dtype == "auto" else {"dtype": dtype}))
+    return model, byte_tokenizer()

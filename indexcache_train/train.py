@@ -40,6 +40,7 @@ from .evaluate import check_seq_len, lm_loss, resolve_device
 from .export import export_indexcache, trained_indexer_state
 from .files import write_text_atomically
 from .modeling import build_model_and_tokenizer
+from .zero import ZeroContext, gathered_forward, place, zero_optimization
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -88,7 +89,7 @@ def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
         "gradient_accumulation_steps": cfg.trainer.gradient_accumulation_steps,
         "gradient_clipping": cfg.trainer.gradient_clipping,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": zero_optimization(cfg.deepspeed),
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -202,16 +203,23 @@ def train(cfg: DictConfig) -> dict:
     np.random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
 
+    bf16 = device.type == "cuda" if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
+    ds_config = deepspeed_config(cfg, bf16)
+    # Alive for the whole run: under ZeRO-3, transformers then builds and loads the model into partitions.
+    zero_context = ZeroContext(ds_config)  # noqa: F841
+    if cfg.trainer.gpu_memory_fraction is not None and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(cfg.trainer.gpu_memory_fraction, device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     check_seq_len(model.config, cfg.data.seq_len)
-    model.to(device).eval()  # before the pattern, so that removed indexers live on the same device
+    place(model, device).eval()  # before the pattern, so that removed indexers live on the same device
     resume_from = _resume_path(cfg, output_dir)
     eval_batches = load_eval_batches(cfg, tokenizer, device)
     # The loss with every indexer the checkpoint has: what the distilled pattern should come back to. Its
     # selection runs in query chunks, as in training, so that long sequences fit here too.
     use_chunked_selection(model, cfg.distill.selection_chunk_rows)
-    loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
-                      if eval_batches and resume_from is None else None)
+    with gathered_forward(model):  # no engine gathers ZeRO-3 partitions yet
+        loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
+                          if eval_batches and resume_from is None else None)
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
                                        kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
                                        teacher_form=cfg.distill.teacher_form,
@@ -232,9 +240,8 @@ def train(cfg: DictConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.trainer.warmup_steps, cfg.trainer.lr_decay_steps or cfg.trainer.max_steps,
                                  cfg.trainer.min_lr_ratio))
-    bf16 = device.type == "cuda" if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
     engine, _, _, _ = deepspeed.initialize(model=distillation, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, bf16))
+                                           config=ds_config)
 
     step = 0
     if resume_from is not None:
