@@ -15,6 +15,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 # The package's own small pretrained DSA model (scripts/pretrain_tiny.py); configs name it `${embedded_model:}`.
 EMBEDDED_MODEL_DIR = str(Path(__file__).resolve().parent / "embedded_model")
 OmegaConf.register_new_resolver("embedded_model", lambda: EMBEDDED_MODEL_DIR, replace=True)
+# Published models' config.json shapes, for the memory planner: `${model_shape:glm5}`.
+MODEL_SHAPES_DIR = Path(__file__).resolve().parent / "configs" / "model_shapes"
+OmegaConf.register_new_resolver("model_shape", lambda name: str(MODEL_SHAPES_DIR / f"{name}.json"), replace=True)
 
 
 @dataclass
@@ -100,6 +103,14 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanSettings:
+    world_size: int = 1
+    gpu_memory_gib: float | None = None  # None: the visible GPU's, times trainer.gpu_memory_fraction
+    activation_scale: float = 1.0  # calibration: multiplies the activation terms
+    reserve_gib: float = 2.0  # CUDA context, NCCL buffers and allocator slack, kept free
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,15 +118,28 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    plan: PlanSettings = field(default_factory=PlanSettings)  # the start-of-run memory plan (world_size unused)
     output_dir: str = "outputs/train"
     resume: str | None = None  # auto: continue from the latest checkpoint in output_dir, if any; or a path
     export: bool = True  # write ${output_dir}/export at the end
+
+
+@dataclass
+class PlanConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    output_dir: str = "outputs/plan"
 
 
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="eval_schema", node=EvalConfig)
     store.store(name="train_schema", node=TrainConfig)
+    store.store(name="plan_schema", node=PlanConfig)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("distill", DistillConfig),
                         ("trainer", TrainerConfig), ("deepspeed", DeepSpeedConfig), ("logger", LoggerConfig)):
         store.store(group=group, name=f"{group}_schema", node=node)

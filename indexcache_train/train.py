@@ -40,6 +40,7 @@ from .evaluate import check_seq_len, lm_loss, resolve_device
 from .export import export_indexcache, trained_indexer_state
 from .files import write_text_atomically
 from .modeling import build_model_and_tokenizer
+from .plan import check_run_plan
 from .zero import ZeroContext, gathered_forward, place, zero_optimization
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,12 @@ def train(cfg: DictConfig) -> dict:
         torch.cuda.set_per_process_memory_fraction(cfg.trainer.gpu_memory_fraction, device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     check_seq_len(model.config, cfg.data.seq_len)
+    if cfg.trainer.check_plan:
+        dtype_bytes = 2 if bf16 else next(model.parameters()).element_size()
+        memory_plan = check_run_plan(cfg, model, world_size=world_size, device=device, dtype_bytes=dtype_bytes)
+        if rank == 0:
+            print(memory_plan.table())
+            write_text_atomically(output_dir / "plan.json", json.dumps(memory_plan.to_dict(), indent=2))
     place(model, device).eval()  # before the pattern, so that removed indexers live on the same device
     resume_from = _resume_path(cfg, output_dir)
     eval_batches = load_eval_batches(cfg, tokenizer, device)
