@@ -1,0 +1,45 @@
+"""One rank of the ZeRO-3 test (tests/test_zero3.py): runs the trainer and writes what this rank held."""
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from indexcache_train import train
+from indexcache_train.plan import meta_model, model_config
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main(report: str, *overrides: str) -> None:
+    configs = Path(__file__).parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose("train", overrides=list(overrides))
+    build = train.build_model_and_tokenizer
+    facts = {}
+
+    def recording_build(model_cfg):
+        # Everything the load imports, imported first on the meta device, so that the peak below is the load's.
+        meta_model(model_config(model_cfg))
+        facts["rss_before"] = peak_rss_bytes()
+        model, tokenizer = build(model_cfg)
+        params = list(model.parameters())
+        facts["full_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        facts["local_numel"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        facts["rss_after_load"] = peak_rss_bytes()
+        return model, tokenizer
+
+    train.build_model_and_tokenizer = recording_build
+    summary = train.train(cfg)
+    facts["summary_step"] = summary["step"]
+    rank = torch.distributed.get_rank()
+    Path(f"{report}.rank{rank}.json").write_text(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
