@@ -36,7 +36,6 @@ from .indexer_kl import pick_backend
 from .sparse import _lastdim_contiguous
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Elements per intermediate tensor of the torch path (a chunk's gathered keys).
 _TORCH_BUDGET_ELEMS = 1 << 23
@@ -46,7 +45,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Autotuned (BK, num_warps, num_stages) on a GPU, by the size of the [BH, DV] fp32 accumulator. A large one
 # (64 heads x 512) needs 8 warps for 128 registers per thread; BK = 64 x 576 bf16 is 72 KiB of shared memory
 # per stage beside the 72 KiB query block (sm_90 compile, 2 stages: 216 KiB, 255 registers, ~400 B spilled;
-# BK = 32: 144 KiB, ~130 B spilled). A small one (the CPU-sized model's 16 x 64) runs on 4 warps.
+# BK = 32: 144 KiB, ~130 B spilled). Triton lays a dot that feeds another dot out with every warp along M, so
+# both warpgroups compute the whole [64, BK] score tile (in n = BK/2 wgmma tiles) while each keeps half of the
+# accumulator's columns: the scores cost twice their FLOPs. A small accumulator (16 x 64) runs on 4 warps.
 GPU_CONFIGS_LARGE_ACC = ((64, 8, 2), (32, 8, 2), (64, 8, 3), (32, 8, 3))
 GPU_CONFIGS_SMALL_ACC = ((64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2))
 # Small tiles under the interpreter, so that the CPU tests walk several slot blocks.
