@@ -329,7 +329,8 @@ def _sparse_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teac
     cdt = torch.promote_types(index_q.dtype, torch.float32)
     teacher_q, teacher_k = teacher_q.detach(), teacher_k.detach()
     index_q, index_k, index_weights = index_q.detach(), index_k.detach(), index_weights.detach()
-    flat_dk = d_index_k.view(B * L, Di)
+    T = index_k.shape[1]  # all keys; the query rows may be a block of them
+    flat_dk = d_index_k.view(B * T, Di)
 
     rows = B * L
     chunk = max(1, _TORCH_BUDGET_ELEMS // max(1, K * max(D, Di, Hi, R)))
@@ -370,7 +371,7 @@ def _sparse_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teac
         gm = torch.where(a > 0, di[:, None, :] * wi[:, :, None], 0.0)  # [n, Hi, K]
         d_index_q[bv, tv] += torch.einsum("nhk,nkd->nhd", gm, ki).float()
         dks = torch.einsum("nhk,nhd->nkd", gm, qi).float()  # [n, K, Di]
-        target = (bv[:, None] * L + idxc)[valid]
+        target = (bv[:, None] * T + idxc)[valid]
         flat_dk.index_add_(0, target, dks[valid])
     return total.float()
 
@@ -383,9 +384,10 @@ def sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, 
     (same shapes as the index tensors, contiguous fp32, possibly non-zero: ADD, don't overwrite) and returns
     the sum over all B*L rows of KL(p||q) as an fp32 0-dim tensor (no autograd graph).
 
-    index_q [B, L, Hi, Di], index_k [B, L, Di], index_weights [B, L, Hi]; teacher_q [G, B, H, L, D],
-    teacher_k [G, B, Hk, L, D]; topk_indices [B, L, k] int32/int64 with -1 for empty slots (validated by
-    the caller: valid entries satisfy 0 <= s <= t and are distinct within a row).
+    index_q [B, L, Hi, Di], index_k [B, T, Di], index_weights [B, L, Hi]; teacher_q [G, B, H, L, D],
+    teacher_k [G, B, Hk, T, D]; topk_indices [B, L, k] int32/int64 with -1 for empty slots (validated by
+    the caller: valid entries are keys of the row's causal past and are distinct within a row). The L query
+    rows may be a block of the T keys' sequence (views along L of the full tensors, accumulators included).
     """
     with torch.no_grad():
         if topk_indices.shape[-1] == 0 or index_q.shape[1] == 0:
