@@ -15,6 +15,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .sparse_forward import SPARSE_ATTENTION, use_sparse_forward
+
 TINY_DSA = dict(
     vocab_size=257, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
@@ -44,16 +46,27 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path."""
+               attn_implementation: str = SPARSE_ATTENTION) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path, on the sparse
+    forward (`attn_implementation="indexcache_sparse"`) or transformers' own attention (`"sdpa"`, ...)."""
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"No model at {name_or_path!r}: expected a folder holding config.json.")
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         name_or_path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
+        attn_implementation=_native(attn_implementation),
     )
+    return _maybe_sparse(model, attn_implementation)
+
+
+def _native(attn_implementation: str) -> str:
+    """What transformers builds the model with: the sparse forward is switched on after loading."""
+    return "sdpa" if attn_implementation == SPARSE_ATTENTION else attn_implementation
+
+
+def _maybe_sparse(model: torch.nn.Module, attn_implementation: str) -> torch.nn.Module:
+    return use_sparse_forward(model) if attn_implementation == SPARSE_ATTENTION else model
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -78,6 +91,7 @@ def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizer
     torch.manual_seed(cfg.seed)
     random_init = dict(cfg.random_init)
     config = tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation))
     dtype = resolve_dtype(cfg.dtype)
-    return (model if dtype == "auto" else model.to(dtype)), byte_tokenizer()
+    model = _maybe_sparse(model if dtype == "auto" else model.to(dtype), cfg.attn_implementation)
+    return model, byte_tokenizer()
