@@ -31,7 +31,8 @@ TAPPING_IMPLEMENTATIONS = {TAP_ATTENTION}
 class AttentionCall:
     """What one layer's attention sees: query [B, H, L, nope + rope], key [B, H, T, nope + rope] (MLA
     expanded) or, with `latent`, the latent key [B, 1, T, kv_lora + rope] of the sparse forward; its scale;
-    and the DSA selection [B, L, k] (entries outside [0, t] are padding)."""
+    the DSA selection [B, L, k] (entries outside [0, t] are padding); and on the sparse forward each head's
+    log-sum-exp over the selection, [B, H, L] fp32, as its attention kernel computed it."""
 
     layer: int
     module: torch.nn.Module
@@ -40,6 +41,7 @@ class AttentionCall:
     scaling: float
     topk_indices: torch.Tensor | None
     latent: bool = False
+    lse: torch.Tensor | None = None
 
     def score_operands(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """(q [B, H, n, D], k [B, Hk, T, D]) whose scaled product q . k^T is the attention scores of `rows`."""

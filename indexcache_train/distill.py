@@ -94,8 +94,10 @@ class IndexerDistillation(nn.Module):
         if self.stage == "dense":  # the dense KL takes a layer whole
             return kl.add_layer(*call.score_operands(), call.scaling)
         for start in range(0, call.query.shape[2], TEACHER_BLOCK_ROWS):
-            query, key = call.score_operands(slice(start, start + TEACHER_BLOCK_ROWS))
-            layer_loss = kl.add_layer(query, key, call.scaling, query_start=start)
+            rows = slice(start, start + TEACHER_BLOCK_ROWS)
+            query, key = call.score_operands(rows)
+            layer_loss = kl.add_layer(query, key, call.scaling, query_start=start,
+                                      teacher_lse=call.lse[:, :, rows])
         return layer_loss
 
     @property

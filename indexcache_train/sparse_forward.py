@@ -51,7 +51,6 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
     if indices is None:
         raise RuntimeError(f"{SPARSE_ATTENTION} attention needs the DSA top-k (indices=); layer {module.layer_idx} "
                            "passed none.")
-    run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True))
     batch, heads, seq_len, _ = query.shape
     lora, nope = module.kv_lora_rank, module.qk_nope_head_dim
     latent = key[:, 0]  # [B, T, kv_lora + rope]
@@ -60,12 +59,17 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
     with deepspeed_gathered(weight):  # expand_kv no longer runs kv_b_proj, so ZeRO-3 does not gather it for us
         w_v = weight.view(heads, nope + module.v_head_dim, lora)[:, nope:]  # [H, v, kv_lora]
         output = query.new_empty(batch, seq_len, heads, module.v_head_dim)
+        lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=query.device)
         for start in range(0, seq_len, ATTENTION_CHUNK_ROWS):
             rows = slice(start, start + ATTENTION_CHUNK_ROWS)
             q_absorbed = absorbed_query(module, query, rows).transpose(1, 2)  # [B, n, H, kv_lora + rope]
-            latent_out = sparse_mla_attention(q_absorbed, latent, indices[:, rows], scaling, value_dim=lora,
-                                              query_start=query_start + start)
+            latent_out, lse[:, rows] = sparse_mla_attention(q_absorbed, latent, indices[:, rows], scaling,
+                                                            value_dim=lora, query_start=query_start + start,
+                                                            return_lse=True)
             output[:, rows] = torch.einsum("bthc,hvc->bthv", latent_out, w_v.to(latent_out.dtype))
+    # The taps run after the attention, so that the sparse KL can reuse its log-sum-exp.
+    run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True,
+                           lse=lse.transpose(1, 2)))
     return output, None
 
 

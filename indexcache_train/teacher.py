@@ -62,15 +62,15 @@ class AbsorbedTeacher:
 
 def absorbed_query(attention: nn.Module, query: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
     """The MLA query [B, H, L, nope + rope] folded through the key half of `kv_b_proj`, for `rows` of L:
-    [B, H, n, kv_lora + rope] in the query's dtype (the fold runs in fp32)."""
+    [B, H, n, kv_lora + rope] in the query's dtype (a bf16 fold accumulates in fp32 on the matrix units)."""
     nope, lora = attention.qk_nope_head_dim, attention.kv_lora_rank
     heads = query.shape[1]
     weight = attention.kv_b_proj.weight
     # Under ZeRO-3 kv_b_proj's weight is partitioned outside its own forward; every rank gathers it here.
     with deepspeed_gathered(weight):
         w_k = weight.view(heads, -1, lora)[:, :nope]  # [H, nope, kv_lora]
-        q_latent = torch.einsum("bhtn,hnc->bhtc", query[:, :, rows, :nope].float(), w_k.float())
-    return torch.cat([q_latent.to(query.dtype), query[:, :, rows, nope:]], dim=-1)
+        q_latent = torch.einsum("bhtn,hnc->bhtc", query[:, :, rows, :nope], w_k.to(query.dtype))
+    return torch.cat([q_latent, query[:, :, rows, nope:]], dim=-1)
 
 
 def expanded_key(attention: nn.Module, latent_key: torch.Tensor) -> torch.Tensor:

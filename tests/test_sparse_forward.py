@@ -151,3 +151,49 @@ print(json.dumps({"loss": loss.item(), "peak_gib": resource.getrusage(resource.R
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert torch.isfinite(torch.tensor(result["loss"]))
     assert result["peak_gib"] < 3.0, result
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_forward_and_step_match_the_native_path():
+    """bf16 on the GPU, at a size where the Triton kernels use their real tiles: 16 heads of MLA with a
+    128 + 32 latent, a 16 x 64 indexer choosing 256 of 2048 keys. Both bf16 paths are held against the native
+    path in fp32: ours may round differently, not worse."""
+    from transformers import AutoModelForCausalLM
+
+    from indexcache_train.modeling import tiny_config
+
+    config = tiny_config(hidden_size=512, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=128,
+                         q_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+                         index_n_heads=16, index_head_dim=64, index_topk=256, max_position_embeddings=2048,
+                         intermediate_size=1024, initializer_range=0.1)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    input_ids = torch.randint(0, 257, (1, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    apply_indexcache(model, "FSSF")
+    exact_logits, _ = forward(model, input_ids)
+    exact_loss = IndexerDistillation(model, "FSSF", stage="sparse", recall_rows=0)(input_ids)[0]
+    model.to(torch.bfloat16)
+    results = []
+    for sparse_forward in (False, True):
+        use_sparse_forward(model, sparse_forward)
+        logits, topk = forward(model, input_ids)
+        loss, _ = IndexerDistillation(model, "FSSF", stage="sparse", recall_rows=0)(input_ids)
+        results.append(((logits.float() - exact_logits).norm() / exact_logits.norm(), topk,
+                         abs(loss.float() - exact_loss) / exact_loss))
+    (native_error, native_topk, native_loss_error), (error, topk, loss_error) = results
+    assert error <= 1.5 * native_error + 1e-3, (error, native_error)
+    assert loss_error <= 1.5 * native_loss_error + 1e-2, (loss_error, native_loss_error)
+    for layer in topk:
+        assert overlap(topk[layer], native_topk[layer]) >= 0.99, layer
+
+
+def overlap(ours: torch.Tensor, native: torch.Tensor) -> float:
+    """The fraction of the native selection's visible keys that ours selects too."""
+    batch, seq_len, _ = native.shape
+    visible = native <= torch.arange(seq_len, device=native.device)[None, :, None]
+    chosen = torch.zeros(batch, seq_len, seq_len + 1, dtype=torch.bool, device=native.device)
+    chosen.scatter_(-1, torch.where(ours >= 0, ours, seq_len).long(), True)
+    hits = chosen.gather(-1, torch.where(visible, native, seq_len).long()) & visible
+    return (hits.sum() / visible.sum()).item()

@@ -140,9 +140,11 @@ class IndexerKLLoss:
         self._open_rows, self._open_total = 0, None  # a layer arriving in row blocks
 
     def add_layer(self, teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float,
-                  query_start: int = 0) -> torch.Tensor | None:
+                  query_start: int = 0, teacher_lse: torch.Tensor | None = None) -> torch.Tensor | None:
         """Add one served layer (or a block of its query rows, see the class docstring): teacher_q
-        [B, H, n, D] and teacher_k [B, Hk, L, D]. Returns the layer's mean KL once it is complete, else None."""
+        [B, H, n, D] and teacher_k [B, Hk, L, D]. In sparse mode `teacher_lse` [B, H, n] (fp32, natural log)
+        may carry each head's log-sum-exp over the selection, as the sparse attention computed it, which
+        saves the kernel a pass. Returns the layer's mean KL once it is complete, else None."""
         if len(self.layer_losses) == self.num_layers:
             raise RuntimeError(f"All {self.num_layers} served layers were already added.")
         if teacher_q.dim() != 4 or teacher_k.dim() != 4:
@@ -157,6 +159,8 @@ class IndexerKLLoss:
                 raise ValueError(f"Row block {query_start}..{query_start + block - 1} does not continue the "
                                  f"{self._open_rows} rows added so far of L = {seq_len}.")
         _check_teacher(index_q[:, rows], teacher_q.unsqueeze(0), teacher_k.unsqueeze(0), num_keys=seq_len)
+        if teacher_lse is not None and (self.topk_indices is None or teacher_lse.shape != teacher_q.shape[:3]):
+            raise ValueError(f"teacher_lse is for sparse mode and must be {tuple(teacher_q.shape[:3])} [B, H, n].")
         d_q, d_k, d_w = self.grads
         topk = None if self.topk_indices is None else self.topk_indices[:, rows]
         # Each layer's KL is linear in its target; weight 1/G per layer gives the group's mean.
@@ -164,7 +168,8 @@ class IndexerKLLoss:
         with torch.no_grad():
             total = _accumulate(index_q[:, rows], index_k, index_weights[:, rows], teacher_q.detach().unsqueeze(0),
                                 teacher_k.detach().unsqueeze(0), teacher_scale, topk, grad_scale,
-                                d_q[:, rows], d_k, d_w[:, rows], self.backend)
+                                d_q[:, rows], d_k, d_w[:, rows], self.backend,
+                                None if teacher_lse is None else teacher_lse.float().unsqueeze(0))
         self._open_total = total if self._open_total is None else self._open_total + total
         self._open_rows += block
         if self._open_rows < seq_len:
@@ -182,13 +187,14 @@ class IndexerKLLoss:
 
 
 def _accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
-                grad_scale, d_q, d_k, d_w, backend) -> torch.Tensor:
+                grad_scale, d_q, d_k, d_w, backend, teacher_lse=None) -> torch.Tensor:
     use_triton = backend == "triton"
     if topk_indices is None:
         return dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
                                    grad_scale, d_q, d_k, d_w, use_triton=use_triton)
     return sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                                topk_indices, grad_scale, d_q, d_k, d_w, use_triton=use_triton)
+                                topk_indices, grad_scale, d_q, d_k, d_w, use_triton=use_triton,
+                                teacher_lse=teacher_lse)
 
 
 def indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float, *,
