@@ -39,8 +39,9 @@ def synchronize() -> None:
 
 
 def timed(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3) -> dict:
-    """Median wall time of `repeats` calls after `warmup` untimed ones (device-synchronised), and the peak
-    memory allocated during the timed calls. An out-of-memory error gives {"oom": True}."""
+    """Median wall time of `repeats` calls after `warmup` untimed ones (device-synchronised), the peak
+    memory allocated during the timed calls, and the last call's value when it is a scalar tensor (a loss).
+    An out-of-memory error gives {"oom": True}."""
     try:
         for _ in range(warmup):
             fn()
@@ -50,7 +51,7 @@ def timed(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3) -> dic
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            fn()
+            value = fn()
             synchronize()
             times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError:
@@ -58,7 +59,10 @@ def timed(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3) -> dic
     finally:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
-    return {"seconds": statistics.median(times), "runs": times, "peak_gib": peak}
+    result = {"seconds": statistics.median(times), "runs": times, "peak_gib": peak}
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        result["value"] = value.item()
+    return result
 
 
 def fmt_seconds(result: dict | None) -> str:

@@ -35,7 +35,8 @@ PATTERN = "FSSS"
 def distillation_step(model, stage: str, input_ids: torch.Tensor):
     distillation = IndexerDistillation(model, PATTERN, stage=stage, recall_rows=0)
     distillation.freeze()
-    optimizer = torch.optim.AdamW([p for p in distillation.parameters() if p.requires_grad], lr=1e-6)
+    # lr 0: the optimiser does all its work but the weights stay, so both paths' losses compare at every L.
+    optimizer = torch.optim.AdamW([p for p in distillation.parameters() if p.requires_grad], lr=0.0)
 
     def step():
         loss, _ = distillation(input_ids)
@@ -57,6 +58,9 @@ def measure(model, length: int, path: str, args) -> dict:
         with torch.no_grad():
             row[name] = timed(lambda: model.model(input_ids=input_ids, use_cache=False), repeats=args.repeats)
         gc.collect()
+    if row["forward_fsss"].get("oom"):  # the steps run the same forward
+        print(row, flush=True)
+        return row
     row["sparse_step"] = timed(distillation_step(model, "sparse", input_ids), repeats=args.repeats)
     gc.collect()
     if length <= args.dense_max:
@@ -67,12 +71,14 @@ def measure(model, length: int, path: str, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| L | path | forward, all F | forward, FSSS | sparse step | dense step | peak, sparse step (GiB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| L | path | forward, all F | forward, FSSS | sparse step | dense step | peak, sparse step (GiB) "
+             "| sparse-step loss |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        sparse = row.get("sparse_step")
+        loss = f"{sparse['value']:.6g}" if sparse and "value" in sparse else ""
         lines.append(f"| {row['length'] // 1024}K | {row['path']} | {fmt_seconds(row['forward_all_f'])} "
-                     f"| {fmt_seconds(row['forward_fsss'])} | {fmt_seconds(row['sparse_step'])} "
-                     f"| {fmt_seconds(row.get('dense_step'))} | {fmt_gib(row['sparse_step'])} |")
+                     f"| {fmt_seconds(row['forward_fsss'])} | {fmt_seconds(sparse)} "
+                     f"| {fmt_seconds(row.get('dense_step'))} | {fmt_gib(sparse)} | {loss} |")
     return "\n".join(lines)
 
 
@@ -90,19 +96,21 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(dsv32_shaped_config(4), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa").eval()
     params = sum(p.numel() for p in model.parameters())
-    rows, native_fits = [], True
-    for length in sorted(args.lengths):
-        rows.append(measure(model, length, "ours", args))
-        if native_fits and length <= args.native_max:
-            rows.append(measure(model, length, "native", args))
-            native_fits = not rows[-1]["forward_fsss"].get("oom")
-        elif native_fits:
-            rows.append({"length": length, "path": "native", "forward_all_f": None, "forward_fsss": None,
-                         "sparse_step": None, "skipped": f"L > --native-max {args.native_max}"})
-    markdown = table(rows)
+    lengths = sorted(args.lengths)
+    # Ours at every L first, then the native path until it is out of memory; results are written after
+    # every row, so that a run cut short keeps what it measured.
+    plan = [(length, "ours") for length in lengths]
+    plan += [(length, "native") for length in lengths if length <= args.native_max]
+    rows = []
+    for length, path in plan:
+        if path == "native" and any(r["path"] == "native" and r["forward_fsss"].get("oom") for r in rows):
+            break
+        rows.append(measure(model, length, path, args))
+        rows.sort(key=lambda r: (r["length"], r["path"] != "ours"))
+        markdown = table(rows)
+        write_results(args.out, "bench_long_context", rows, markdown, params=params, pattern=PATTERN,
+                      model=model.config.to_dict())
     print(markdown)
-    write_results(args.out, "bench_long_context", rows, markdown, params=params, pattern=PATTERN,
-                  model=model.config.to_dict())
 
 
 if __name__ == "__main__":
