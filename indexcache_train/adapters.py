@@ -10,14 +10,10 @@ gradients for distillation:
 
 Removed indexers are kept off the module tree (absent from `state_dict()` and `parameters()`), so a later
 `apply_indexcache` with another pattern can bring them back; that is what pattern search relies on.
-
-`use_chunked_selection` swaps the indexers' forward for one that computes the same top-k a block of queries
-at a time, so that a long-context forward never holds the native [B, L, Hi, L] fp32 scores.
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -176,44 +172,6 @@ class DSAAdapter:
         weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)) * indexer.n_heads**-0.5
         return IndexerProjections(query * indexer.softmax_scale, key, weights)
 
-    @torch.no_grad()
-    def chunked_topk(self, indexer: nn.Module, hidden_states: torch.Tensor, q_resid: torch.Tensor,
-                     position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
-                     cache=None, *, chunk_rows: int) -> torch.Tensor:
-        """The native indexer forward's top-k, `chunk_rows` queries at a time.
-
-        The native forward holds fp32 scores [B, L, Hi, T] twice (8·B·Hi·L·T bytes: 64 GiB at 32K tokens and
-        8 heads). Here the heads are summed into one fp32 [B, C, T] block per chunk of C queries, so the
-        scores take 8·B·C·T bytes (the block and one head's scores) plus the chunk's bool mask, whatever Hi:
-        1 GiB for C = 4096 queries at 32K tokens. The maths are the forward's, in its order within each head;
-        only the sum over heads is ordered differently, which can move a score by its last bits and so swap
-        two keys whose scores tie to within that.
-        """
-        query, key = self.indexer_qk(indexer, hidden_states, q_resid, position_embeddings)
-        if cache is not None:
-            key = cache.update_indexer(key, indexer.layer_idx)
-        key_t = key.float().transpose(-1, -2)  # [B, Di, T]
-        weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float()
-        weights = weights * indexer.n_heads**-0.5  # [B, L, Hi]
-        batch, seq_len, num_keys = *hidden_states.shape[:2], key_t.shape[-1]
-        mask = attention_mask.expand(batch, seq_len, num_keys)
-        topk = min(indexer.index_topk, num_keys)
-        selected = torch.empty(batch, seq_len, topk, dtype=torch.int32, device=hidden_states.device)
-        for start in range(0, seq_len, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            chunk_query, chunk_weights = query[:, rows].float(), weights[:, rows]
-            scores = key_t.new_zeros(batch, chunk_query.shape[1], num_keys)
-            for head in range(indexer.n_heads):
-                head_scores = torch.matmul(chunk_query[:, :, head], key_t).mul_(indexer.softmax_scale).relu_()
-                scores.addcmul_(head_scores, chunk_weights[:, :, head, None])
-            del head_scores  # the mask and the top-k need only the block
-            if mask.dtype == torch.bool:
-                scores.masked_fill_(~mask[:, rows], float("-inf"))
-            else:
-                scores.add_(mask[:, rows])
-            selected[:, rows] = scores.topk(topk, dim=-1).indices
-        return selected
-
 
 class GlmMoeDsaAdapter(DSAAdapter):
     model_type = "glm_moe_dsa"
@@ -294,37 +252,3 @@ def current_pattern(model: nn.Module) -> IndexCachePattern:
     """The pattern a model runs with: the one applied, else the one its config declares."""
     state = getattr(model, "_indexcache", None)
     return state.pattern if state is not None else IndexCachePattern.from_config(model.config)
-
-
-def use_chunked_selection(model: nn.Module, chunk_rows: int | None = 4096) -> nn.Module:
-    """Make every indexer of a transformers DSA model select its top-k `chunk_rows` queries at a time, in
-    place, and return the model; `chunk_rows=None` restores the native forward.
-
-    The selection is the native one (see `DSAAdapter.chunked_topk` for the memory bound and the rounding
-    caveat). Only the instance's `forward` is rebound, as Liger-Kernel patches modules: parameters and
-    `state_dict()` keys stay as they are. Indexers that an S pattern keeps aside are patched too, so they
-    come back chunked when `apply_indexcache` restores them. Inputs of at most `chunk_rows` queries, such as
-    decoding steps, take the native forward, which then holds no more.
-    """
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive number of queries, got {chunk_rows}.")
-    adapter = get_adapter(model)
-    for indexer in adapter.all_indexers(model):
-        if chunk_rows is None:
-            vars(indexer).pop("forward", None)
-            vars(indexer).pop("selection_chunk_rows", None)
-        else:
-            indexer.selection_chunk_rows = chunk_rows
-            indexer.forward = types.MethodType(_chunked_indexer_forward, indexer)
-    return model
-
-
-def _chunked_indexer_forward(self: nn.Module, hidden_states: torch.Tensor, q_resid: torch.Tensor,
-                             position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
-                             position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-    """`forward` of an indexer patched by `use_chunked_selection`; same signature and output as the native."""
-    if hidden_states.shape[1] <= self.selection_chunk_rows:
-        return type(self).forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids,
-                                  cache=cache)
-    return ADAPTERS[self.config.model_type].chunked_topk(self, hidden_states, q_resid, position_embeddings,
-                                                         attention_mask, cache, chunk_rows=self.selection_chunk_rows)

@@ -1,10 +1,11 @@
 """See inside a DSA forward pass without editing transformers.
 
 - `capture_topk(model)` records every layer's selected top-k indices (F layers' own, S layers' shared).
-- `attention_taps(model, tap)` runs the model with an attention function registered under
-  `TAP_ATTENTION` in transformers' `AttentionInterface`. It computes exactly what SDPA computes with the
-  DSA selection folded into the mask, and first hands each layer's query and key states to `tap`. The
-  trainer takes its teacher tensors from there; `capture_attention` uses it for small dense maps.
+- `attention_taps(model, tap)` hands each layer's query and key states to `tap` as its attention runs. On
+  the sparse forward (`sparse_forward.py`) its attention does that itself; on transformers' native path the
+  model runs with an attention function registered under `TAP_ATTENTION` in transformers'
+  `AttentionInterface`, which computes exactly what SDPA computes with the DSA selection folded into the
+  mask. The trainer takes its teacher tensors from there; `capture_attention` uses it for small dense maps.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .adapters import get_adapter
+from .teacher import absorbed_query
 
 TAP_ATTENTION = "indexcache_tap"
+# Attention implementations that call the taps themselves.
+TAPPING_IMPLEMENTATIONS = {TAP_ATTENTION}
 
 
 @dataclass
 class AttentionCall:
-    """What one layer's attention sees: query [B, H, L, D], key [B, H, L, D] (MLA expanded), its scale,
-    and the DSA selection [B, L, k] (entries > t are padding that the causal mask drops)."""
+    """What one layer's attention sees: query [B, H, L, nope + rope], key [B, H, T, nope + rope] (MLA
+    expanded) or, with `latent`, the latent key [B, 1, T, kv_lora + rope] of the sparse forward; its scale;
+    the DSA selection [B, L, k] (entries outside [0, t] are padding); and on the sparse forward each head's
+    log-sum-exp over the selection, [B, H, L] fp32, as its attention kernel computed it."""
 
     layer: int
     module: torch.nn.Module
@@ -34,14 +40,26 @@ class AttentionCall:
     key: torch.Tensor
     scaling: float
     topk_indices: torch.Tensor | None
+    latent: bool = False
+    lse: torch.Tensor | None = None
+
+    def score_operands(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [B, H, n, D], k [B, Hk, T, D]) whose scaled product q . k^T is the attention scores of `rows`."""
+        if self.latent:
+            return absorbed_query(self.module, self.query, rows), self.key
+        return self.query[:, :, rows], self.key
 
 
 _taps: list[Callable[[AttentionCall], None]] = []
 
 
-def _tap_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None, **kwargs):
+def run_taps(call: AttentionCall) -> None:
     for tap in _taps:
-        tap(AttentionCall(module.layer_idx, module, query, key, scaling, indices))
+        tap(call)
+
+
+def _tap_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None, **kwargs):
+    run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices))
     if indices is not None:
         # The same folding transformers applies for eager/SDPA: keys outside the top-k are masked out.
         batch, seq_len, num_keys = query.shape[0], query.shape[2], key.shape[2]
@@ -61,10 +79,12 @@ AttentionMaskInterface.register(TAP_ATTENTION, sdpa_mask)
 
 @contextmanager
 def attention_taps(model: torch.nn.Module, *taps: Callable[[AttentionCall], None]) -> Iterator[None]:
-    """Within the block, every attention call of `model` goes through the tap attention and calls `taps`."""
+    """Within the block, every attention call of `model` calls `taps` (through the tap attention unless the
+    model's attention calls them itself)."""
     config = model.config
     previous = config._attn_implementation
-    config._attn_implementation = TAP_ATTENTION
+    if previous not in TAPPING_IMPLEMENTATIONS:
+        config._attn_implementation = TAP_ATTENTION
     _taps.extend(taps)
     try:
         yield
@@ -93,7 +113,8 @@ def capture_topk(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 def dense_attention_probs(call: AttentionCall) -> torch.Tensor:
     """The layer's head-averaged causal attention over all keys (not only the top-k), [B, L, L] in fp32.
     It materialises [B, H, L, L]: for analysis at small sizes only."""
-    scores = torch.matmul(call.query.float(), call.key.float().transpose(-1, -2)) * call.scaling
+    query, key = call.score_operands()
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * call.scaling
     seq_len = scores.shape[-1]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=scores.device).tril()
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=1)

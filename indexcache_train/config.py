@@ -25,7 +25,9 @@ class ModelConfig:
     name_or_path: str | None = None  # a transformers DSA checkpoint: local folder or hub name
     dtype: str = "auto"  # auto, bfloat16, float32, ...
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    # indexcache_sparse: our sparse MLA attention and fused selection, nothing L x L (sparse_forward.py);
+    # sdpa or eager: transformers' native DSA path (an L x L mask per layer).
+    attn_implementation: str = "indexcache_sparse"
     random_init: dict[str, Any] | None = None  # without name_or_path: a tiny config for smoke runs
     seed: int = 0
     fp8: str = "auto"  # an FP8 base: auto | native (transformers' FP8 kernels) | dequantize (fp8.py)
@@ -62,7 +64,6 @@ class DistillConfig:
     kl_backend: str | None = None  # None: Triton on GPU, chunked torch on CPU
     recall_rows: int = 64  # query rows per layer for the logged attention-mass recall; 0 turns it off
     teacher_form: str = "auto"  # auto (absorbed MLA in the sparse stage, expanded in dense) | absorbed | expanded
-    selection_chunk_rows: int | None = 4096  # top-k selection in query chunks (O(L) memory); null: native
 
 
 @dataclass

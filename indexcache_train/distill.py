@@ -14,7 +14,9 @@ through the transformer. During a single no-grad forward:
 
 Stages: `dense` distils the full causal attention of each served layer; `sparse` distils the attention
 renormalised over the F layer's top-k, the set every layer of the group actually attends to. In the sparse
-stage the MLA teacher goes to the kernel in its absorbed form (`teacher.py`).
+stage the MLA teacher goes to the kernel in its absorbed form (`teacher.py`); on the sparse forward
+(`sparse_forward.py`) it is folded and consumed in blocks of query rows, so that at 200K tokens the absorbed
+query [B, H, L, kv_lora + rope] never exists whole.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ import contextlib
 import torch
 from torch import nn
 
-from .adapters import apply_indexcache, current_pattern, get_adapter, use_chunked_selection
+from .adapters import apply_indexcache, current_pattern, get_adapter
 from .capture import AttentionCall, attention_taps
 from .evaluate import valid_selection
 from .kernels import IndexerKLLoss
 from .pattern import IndexCachePattern
-from .teacher import TEACHER_FORMS, AbsorbedTeacher
+from .sparse_forward import uses_sparse_forward
+from .teacher import TEACHER_FORMS, AbsorbedTeacher, expanded_key
 
 STAGES = ("dense", "sparse")
+# Query rows per block of the absorbed teacher on the sparse forward (the sparse KL takes rows in blocks).
+TEACHER_BLOCK_ROWS = 16384
 
 
 def causal_topk(topk_indices: torch.Tensor) -> torch.Tensor:
@@ -44,7 +49,8 @@ def sampled_recall(call: AttentionCall, selection: torch.Tensor, rows: int) -> t
     dense probabilities of those rows only, so that the metric stays cheap at long context."""
     seq_len = call.query.shape[2]
     queries = torch.arange(max(seq_len - rows, 0), seq_len, device=call.query.device)
-    scores = torch.matmul(call.query[:, :, queries].float(), call.key.float().transpose(-1, -2)) * call.scaling
+    query, key = call.score_operands(queries)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * call.scaling
     causal = torch.arange(seq_len, device=scores.device)[None, :] <= queries[:, None]
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=1)  # [B, rows, L]
     chosen = selection[:, queries].long()
@@ -60,28 +66,39 @@ class IndexerDistillation(nn.Module):
     """
 
     def __init__(self, model: nn.Module, pattern: IndexCachePattern | str | float, *, stage: str = "dense",
-                 kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto",
-                 selection_chunk_rows: int | None = 4096):
+                 kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto"):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"Unknown distillation stage {stage!r}; choose from {STAGES}.")
         if teacher_form not in TEACHER_FORMS:
             raise ValueError(f"Unknown teacher form {teacher_form!r}; choose from {TEACHER_FORMS}.")
-        # transformers' indexer scores all heads and keys at once, O(Hi L^2) in memory; select in chunks.
-        self.model = use_chunked_selection(apply_indexcache(model, pattern), selection_chunk_rows)
+        self.model = apply_indexcache(model, pattern)
         self.adapter = get_adapter(model)
         self.pattern = current_pattern(model)
         self.stage, self.kl_backend, self.recall_rows = stage, kl_backend, recall_rows
         self.teacher_form = teacher_form
 
-    def absorbed_teacher(self) -> AbsorbedTeacher | None:
+    @property
+    def absorbed(self) -> bool:
         """The MLA absorbed form for the sparse stage (one gather serves every head), unless told otherwise;
         the expanded form for the dense stage, whose keys are contiguous and where FLOPs count more."""
-        absorbed = self.teacher_form == "absorbed" or (self.teacher_form == "auto" and self.stage == "sparse")
-        if not absorbed:
-            return None
-        return AbsorbedTeacher([self.adapter.attention(self.model, layer)
-                                for layer in range(self.adapter.num_layers(self.model))])
+        return self.teacher_form == "absorbed" or (self.teacher_form == "auto" and self.stage == "sparse")
+
+    def add_teacher(self, kl: IndexerKLLoss, call: AttentionCall, native_absorbed: AbsorbedTeacher | None):
+        """Hand one served layer's attention to its group's KL in the chosen teacher form; its mean KL."""
+        if not call.latent:  # transformers' native forward: expanded keys, the latent recorded by hooks
+            query, key = native_absorbed(call) if native_absorbed else (call.query, call.key)
+            return kl.add_layer(query, key, call.scaling)
+        if not self.absorbed:
+            return kl.add_layer(call.query, expanded_key(call.module, call.key), call.scaling)
+        if self.stage == "dense":  # the dense KL takes a layer whole
+            return kl.add_layer(*call.score_operands(), call.scaling)
+        for start in range(0, call.query.shape[2], TEACHER_BLOCK_ROWS):
+            rows = slice(start, start + TEACHER_BLOCK_ROWS)
+            query, key = call.score_operands(rows)
+            layer_loss = kl.add_layer(query, key, call.scaling, query_start=start,
+                                      teacher_lse=call.lse[:, :, rows])
+        return layer_loss
 
     @property
     def indexers(self) -> dict[int, nn.Module]:
@@ -119,18 +136,20 @@ class IndexerDistillation(nn.Module):
                 check_indices=False,  # causal_topk leaves only keys s <= t, or -1
             )
 
-        teacher = self.absorbed_teacher()
+        native_absorbed = None
+        if self.absorbed and not uses_sparse_forward(self.model):
+            native_absorbed = AbsorbedTeacher([self.adapter.attention(self.model, layer)
+                                               for layer in range(self.adapter.num_layers(self.model))])
 
         def add_layer(call: AttentionCall) -> None:
-            source = self.pattern.source_layer(call.layer)
-            query, key = teacher(call) if teacher is not None else (call.query, call.key)
-            metrics[f"kl/layer{call.layer}"] = groups[source].add_layer(query, key, call.scaling)
+            kl = groups[self.pattern.source_layer(call.layer)]
+            metrics[f"kl/layer{call.layer}"] = self.add_teacher(kl, call, native_absorbed)
             if self.recall_rows:
                 metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows)
 
         hooks = [indexer.register_forward_hook(open_group) for indexer in self.indexers.values()]
         try:
-            with torch.no_grad(), attention_taps(self.model, add_layer), teacher or contextlib.nullcontext():
+            with torch.no_grad(), attention_taps(self.model, add_layer), native_absorbed or contextlib.nullcontext():
                 # The inner model runs every layer; the LM head's logits are not needed.
                 getattr(self.model, "model", self.model)(input_ids=input_ids, use_cache=False)
         finally:

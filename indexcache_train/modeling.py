@@ -17,6 +17,7 @@ from transformers import (
 
 from .fp8 import quantization_config as fp8_quantization_config
 from .fp8 import resolve_route as fp8_route
+from .sparse_forward import SPARSE_ATTENTION, use_sparse_forward
 from .zero import load_partitioned, zero3_enabled
 
 TINY_DSA = dict(
@@ -48,22 +49,35 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa", fp8: str = "auto") -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path. Under a live ZeRO-3
-    `zero.ZeroContext` the weights load straight into partitions; an FP8 base takes the `fp8` route."""
+               attn_implementation: str = SPARSE_ATTENTION, fp8: str = "auto") -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path, on the sparse
+    forward (`attn_implementation="indexcache_sparse"`) or transformers' own attention (`"sdpa"`, ...). Under
+    a live ZeRO-3 `zero.ZeroContext` the weights load straight into partitions; an FP8 base takes the `fp8`
+    route (fp8.py)."""
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"No model at {name_or_path!r}: expected a folder holding config.json.")
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     route = fp8_route(config, fp8, zero3_enabled())
     if zero3_enabled():
-        return load_partitioned(name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-                                attn_implementation=attn_implementation)
+        model = load_partitioned(name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                 attn_implementation=_native(attn_implementation))
+        return _maybe_sparse(model, attn_implementation)
     quantization = {"quantization_config": fp8_quantization_config(config, route)} if route else {}
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         name_or_path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation, **quantization,
+        attn_implementation=_native(attn_implementation), **quantization,
     )
+    return _maybe_sparse(model, attn_implementation)
+
+
+def _native(attn_implementation: str) -> str:
+    """What transformers builds the model with: the sparse forward is switched on after loading."""
+    return "sdpa" if attn_implementation == SPARSE_ATTENTION else attn_implementation
+
+
+def _maybe_sparse(model: torch.nn.Module, attn_implementation: str) -> torch.nn.Module:
+    return use_sparse_forward(model) if attn_implementation == SPARSE_ATTENTION else model
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -90,6 +104,7 @@ def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizer
     config = tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
     dtype = resolve_dtype(cfg.dtype)
     # dtype at construction: under ZeRO-3 the parameters are partitions that a later .to() would not reach
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation,
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation),
                                              **({} if dtype == "auto" else {"dtype": dtype}))
+    model = _maybe_sparse(model, cfg.attn_implementation)
     return model, byte_tokenizer()

@@ -15,11 +15,13 @@ so the expanded form stays the default there.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .capture import AttentionCall
+if TYPE_CHECKING:
+    from .capture import AttentionCall
 
 TEACHER_FORMS = ("auto", "absorbed", "expanded")
 
@@ -51,18 +53,36 @@ class AbsorbedTeacher:
 
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         """(query [B, H, L, kv_lora + rope], key [B, 1, L, kv_lora + rope]) with the same scores q . k."""
-        attention = call.module
-        nope, lora = attention.qk_nope_head_dim, attention.kv_lora_rank
-        heads = call.query.shape[1]
-        weight = attention.kv_b_proj.weight
-        # Under ZeRO-3 kv_b_proj's weight was released after its own forward; every rank gathers it here.
-        with deepspeed_gathered(weight):
-            w_k = weight.view(heads, -1, lora)[:, :nope]  # [H, nope, kv_lora]
-            q_latent = torch.einsum("bhtn,hnc->bhtc", call.query[..., :nope].float(), w_k.float())
-        query = torch.cat([q_latent.to(call.query.dtype), call.query[..., nope:]], dim=-1)
+        if call.latent:  # the sparse forward already hands over the latent key
+            return absorbed_query(call.module, call.query), call.key
         latent = self.latents.pop(call.layer)
-        key = torch.cat([latent.to(call.key.dtype), call.key[:, 0, :, nope:]], dim=-1).unsqueeze(1)
-        return query, key
+        key = torch.cat([latent.to(call.key.dtype), call.key[:, 0, :, call.module.qk_nope_head_dim:]], dim=-1)
+        return absorbed_query(call.module, call.query), key.unsqueeze(1)
+
+
+def absorbed_query(attention: nn.Module, query: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """The MLA query [B, H, L, nope + rope] folded through the key half of `kv_b_proj`, for `rows` of L:
+    [B, H, n, kv_lora + rope] in the query's dtype (a bf16 fold accumulates in fp32 on the matrix units)."""
+    nope, lora = attention.qk_nope_head_dim, attention.kv_lora_rank
+    heads = query.shape[1]
+    weight = attention.kv_b_proj.weight
+    # Under ZeRO-3 kv_b_proj's weight is partitioned outside its own forward; every rank gathers it here.
+    with deepspeed_gathered(weight):
+        w_k = weight.view(heads, -1, lora)[:, :nope]  # [H, nope, kv_lora]
+        q_latent = torch.einsum("bhtn,hnc->bhtc", query[:, :, rows, :nope], w_k.to(query.dtype))
+    return torch.cat([q_latent, query[:, :, rows, nope:]], dim=-1)
+
+
+def expanded_key(attention: nn.Module, latent_key: torch.Tensor) -> torch.Tensor:
+    """The per-head keys [B, H, T, nope + rope] that transformers' `expand_kv` builds, from the latent key
+    [B, 1, T, kv_lora + rope] of the sparse forward."""
+    nope, lora, heads = attention.qk_nope_head_dim, attention.kv_lora_rank, attention.num_heads
+    weight = attention.kv_b_proj.weight
+    with deepspeed_gathered(weight):
+        w_k = weight.view(heads, -1, lora)[:, :nope]
+        k_nope = torch.einsum("btc,hnc->bhtn", latent_key[:, 0, :, :lora], w_k.to(latent_key.dtype))
+    k_rope = latent_key[:, :, :, lora:].expand(-1, heads, -1, -1)
+    return torch.cat([k_nope, k_rope], dim=-1)
 
 
 def deepspeed_gathered(param: nn.Parameter):

@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .adapters import use_chunked_selection
 from .config import CONFIG_DIR, register_configs
 from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
@@ -221,16 +220,13 @@ def train(cfg: DictConfig) -> dict:
     place(model, device).eval()  # before the pattern, so that removed indexers live on the same device
     resume_from = _resume_path(cfg, output_dir)
     eval_batches = load_eval_batches(cfg, tokenizer, device)
-    # The loss with every indexer the checkpoint has: what the distilled pattern should come back to. Its
-    # selection runs in query chunks, as in training, so that long sequences fit here too.
-    use_chunked_selection(model, cfg.distill.selection_chunk_rows)
+    # The loss with every indexer the checkpoint has: what the distilled pattern should come back to.
     with gathered_forward(model):  # no engine gathers ZeRO-3 partitions yet
         loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
                           if eval_batches and resume_from is None else None)
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
                                        kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
-                                       teacher_form=cfg.distill.teacher_form,
-                                       selection_chunk_rows=cfg.distill.selection_chunk_rows)
+                                       teacher_form=cfg.distill.teacher_form)
     counts = distillation.freeze()
     log.info("Pattern %s: %d trainable parameters (F-layer indexers), %d frozen.", distillation.pattern,
              counts["trainable"], counts["frozen"])

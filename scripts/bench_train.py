@@ -5,8 +5,9 @@ A step is what the trainer does per micro-batch: the frozen model's forward, the
 AdamW step over the F-layer indexers (pattern 1/4 uniform: FSSS FSSS). Both trainers run in the same
 process on the same randomly initialised GlmMoeDsa (random token ids, batch 1):
 
-  ours   `IndexerDistillation`: one no-grad SDPA forward; each served layer's teacher q/k goes from the
-         attention tap into the fused streamed KL (Triton on GPU, the chunked torch path on CPU).
+  ours   `IndexerDistillation` on the sparse forward (`use_sparse_forward`: sparse MLA attention, fused
+         selection); each served layer's teacher q/k goes from the attention tap into the fused streamed KL
+         (Triton on GPU, the chunked torch path on CPU).
   naive  what a user writes first: the same frozen model with eager attention and `output_attentions=True`
          under no_grad, each served layer's head-averaged attention weights as the target, the F indexer's
          logits materialised [B, L, L] with grad from its projections (forward hook), and a torch KL over the
@@ -44,6 +45,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from indexcache_train import use_sparse_forward
 from indexcache_train.adapters import apply_indexcache, current_pattern, get_adapter
 from indexcache_train.distill import IndexerDistillation, causal_topk
 from indexcache_train.kernels.reference import student_logits, support_mask
@@ -51,9 +53,7 @@ from indexcache_train.modeling import tiny_config
 
 GIB = 1024**3
 PATTERN = 0.25  # uniform 1/4: FSSS per group
-# Indexer 8 heads x 128. Both trainers share one model, on which IndexerDistillation installs the chunked
-# top-k selection: transformers' own indexer forward would hold fp32 scores [B, L, Hi, L] twice (8 Hi L^2
-# bytes, 64 GiB at 32K with 8 heads) in both.
+# Indexer 8 heads x 128. Both trainers share one model; each switches it to its own forward.
 MODEL_SIZES = {
     "mid": {"dtype": torch.bfloat16, "config": {
         "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8,
@@ -85,13 +85,12 @@ class NaiveDistillation(nn.Module):
             selections[indexer.layer_idx] = causal_topk(output)
 
         hooks = [self.adapter.indexer(self.model, f).register_forward_hook(grab) for f in self.pattern.full_layers]
-        previous = self.model.config._attn_implementation
+        use_sparse_forward(self.model, enabled=False)
         self.model.set_attn_implementation("eager")  # the only one that returns attention weights
         try:
             with torch.no_grad():
                 attentions = self.model.model(input_ids=input_ids, use_cache=False, output_attentions=True).attentions
         finally:
-            self.model.set_attn_implementation(previous)
             for hook in hooks:
                 hook.remove()
 
@@ -112,13 +111,14 @@ class NaiveDistillation(nn.Module):
 
 
 class OursDistillation(nn.Module):
-    """`IndexerDistillation` returning the loss only. Its attention tap computes what SDPA computes."""
+    """`IndexerDistillation` on the sparse forward, returning the loss only."""
 
     def __init__(self, model: nn.Module, pattern, stage: str):
         super().__init__()
         self.distillation = IndexerDistillation(model, pattern, stage=stage, recall_rows=0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        use_sparse_forward(self.distillation.model)
         return self.distillation(input_ids)[0]
 
 

@@ -99,16 +99,6 @@ def test_absorbed_scores_equal_the_expanded_ones():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_chunked_selection_gives_the_same_step(model_type):
-    ids = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for chunk_rows in (None, 16):  # 16 < 40 query rows: the chunked selection runs
-        distillation = IndexerDistillation(build_tiny(model_type, initializer_range=0.2), "FSSF", stage="sparse",
-                                           kl_backend="torch", recall_rows=0, selection_chunk_rows=chunk_rows)
-        losses.append(distillation(ids)[0])
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
-
-
 def test_no_graph_under_no_grad():
     distillation = IndexerDistillation(build_tiny(initializer_range=0.2), "FSSF", kl_backend="torch", recall_rows=0)
     distillation.freeze()

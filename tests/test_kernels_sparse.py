@@ -63,19 +63,20 @@ def reference_grads(index_q, index_k, index_weights, teacher_q, teacher_k, scale
 
 
 def run_kernel(path, index_q, index_k, index_weights, teacher_q, teacher_k, scale, idx, grad_scale=None,
-               prefill=None):
+               prefill=None, teacher_lse=None):
     B, L = index_q.shape[:2]
     home = index_q.device
     if path == "triton" and home.type == "cpu":
         index_q, index_k, index_weights, teacher_q, teacher_k, idx = (
             x.to(TRITON_DEVICE) for x in (index_q, index_k, index_weights, teacher_q, teacher_k, idx))
+        teacher_lse = None if teacher_lse is None else teacher_lse.to(TRITON_DEVICE)
     accs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (index_q, index_k, index_weights)]
     if prefill is not None:
         for a, p in zip(accs, prefill):
             a.copy_(p)
     grad_scale = 1.0 / (B * L) if grad_scale is None else grad_scale
     total = sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, scale, idx, grad_scale,
-                                 *accs, use_triton=path == "triton")
+                                 *accs, use_triton=path == "triton", teacher_lse=teacher_lse)
     assert total.dtype == torch.float32 and total.dim() == 0 and not total.requires_grad
     return total.to(home), [a.to(home) for a in accs]
 
@@ -111,6 +112,27 @@ def test_matches_reference(path, case):
     ref_loss, ref_grads = reference_grads(*inputs)
     total, accs = run_kernel(path, *[x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs])
     assert_close_all(total, accs, ref_loss, ref_grads, B * L, 2e-5)
+
+
+def selection_lse(teacher_q, teacher_k, scale, idx):
+    """[G, B, H, L] natural-log LSE of each head over its row's selection, as the attention kernel gives it."""
+    G, B, H, L, D = teacher_q.shape
+    keys = teacher_k.repeat_interleave(H // teacher_k.shape[2], dim=2).double()
+    scores = torch.einsum("gbhtd,gbhsd->gbhts", teacher_q.double(), keys) * scale
+    chosen = torch.zeros(B, L, L + 1, dtype=torch.bool).scatter_(-1, torch.where(idx >= 0, idx, L).long(), True)
+    return scores.masked_fill(~chosen[None, :, None, :, :L], float("-inf")).logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ["mqa_dot_G2", "mha_G3"])
+def test_a_given_teacher_lse_gives_the_same_loss(path, case):
+    """The sparse forward hands over its attention's log-sum-exp; the teacher's first pass is then skipped."""
+    inputs = make_inputs(*CASES[case], seed=3, dtype=torch.float32)
+    computed = run_kernel(path, *inputs)
+    given = run_kernel(path, *inputs, teacher_lse=selection_lse(*inputs[3:]))
+    assert rel_err(given[0], computed[0]) < 1e-5
+    for a, b in zip(given[1], computed[1]):
+        assert rel_err(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -72,15 +72,17 @@ def _check_index_tensors(index_q, index_k, index_weights) -> None:
             raise ValueError(f"{name} is on {tensor.device} but index_q is on {index_q.device}.")
 
 
-def _check_teacher(index_q, teacher_q, teacher_k) -> None:
+def _check_teacher(index_q, teacher_q, teacher_k, num_keys: int | None = None) -> None:
+    """teacher_q [G, B, H, n, D] for the n query rows of index_q, teacher_k [G, B, Hk, num_keys, D]."""
     batch, seq_len = index_q.shape[:2]
+    num_keys = seq_len if num_keys is None else num_keys
     if teacher_q.dim() != 5 or teacher_k.dim() != 5:
         raise ValueError(
             "Expected teacher_q [G, B, H, L, D] and teacher_k [G, B, Hk, L, D]; got "
             f"{tuple(teacher_q.shape)} and {tuple(teacher_k.shape)}."
         )
     groups, tb, heads, tl, dim = teacher_q.shape
-    if (tb, tl) != (batch, seq_len) or teacher_k.shape[:2] != (groups, batch) or teacher_k.shape[3:] != (tl, dim):
+    if (tb, tl) != (batch, seq_len) or teacher_k.shape[:2] != (groups, batch) or teacher_k.shape[3:] != (num_keys, dim):
         raise ValueError(
             f"Teacher shapes {tuple(teacher_q.shape)} / {tuple(teacher_k.shape)} do not fit B={batch}, L={seq_len}."
         )
@@ -114,6 +116,10 @@ class IndexerKLLoss:
         for layer in served_layers:            # as each layer's attention runs
             kl.add_layer(teacher_q, teacher_k, scale)   # [B, H, L, D], [B, Hk, L, D]; freed by the caller after
         loss = kl.loss()                       # mean over layers and rows; backward gives the index gradients
+
+    In sparse mode a layer may also arrive in blocks of query rows, `add_layer(teacher_q_rows, teacher_k,
+    scale, query_start=r0)` with teacher_q [B, H, n, D] for rows r0 .. r0 + n - 1 and all keys, so that a long
+    sequence's teacher never exists whole; the layer is complete once all L rows have been added.
     """
 
     def __init__(self, index_q, index_k, index_weights, *, num_layers: int, topk_indices=None,
@@ -131,22 +137,45 @@ class IndexerKLLoss:
         self.grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in detached]
         self.layer_losses: list[torch.Tensor] = []
         self._rows = batch * seq_len
+        self._open_rows, self._open_total = 0, None  # a layer arriving in row blocks
 
-    def add_layer(self, teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float) -> torch.Tensor:
-        """Add one served layer, teacher_q [B, H, L, D] and teacher_k [B, Hk, L, D]; returns its mean KL."""
+    def add_layer(self, teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float,
+                  query_start: int = 0, teacher_lse: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Add one served layer (or a block of its query rows, see the class docstring): teacher_q
+        [B, H, n, D] and teacher_k [B, Hk, L, D]. In sparse mode `teacher_lse` [B, H, n] (fp32, natural log)
+        may carry each head's log-sum-exp over the selection, as the sparse attention computed it, which
+        saves the kernel a pass. Returns the layer's mean KL once it is complete, else None."""
         if len(self.layer_losses) == self.num_layers:
             raise RuntimeError(f"All {self.num_layers} served layers were already added.")
         if teacher_q.dim() != 4 or teacher_k.dim() != 4:
             raise ValueError("add_layer takes one layer: teacher_q [B, H, L, D] and teacher_k [B, Hk, L, D].")
-        teacher_q, teacher_k = teacher_q.unsqueeze(0), teacher_k.unsqueeze(0)
         index_q, index_k, index_weights = (t.detach() for t in self.index_tensors)
-        _check_teacher(index_q, teacher_q, teacher_k)
+        seq_len, block = index_q.shape[1], teacher_q.shape[2]
+        rows = slice(query_start, query_start + block)
+        if block != seq_len:
+            if self.topk_indices is None:
+                raise ValueError("Blocks of query rows are for sparse mode; dense mode takes the layer whole.")
+            if query_start != self._open_rows or query_start + block > seq_len:
+                raise ValueError(f"Row block {query_start}..{query_start + block - 1} does not continue the "
+                                 f"{self._open_rows} rows added so far of L = {seq_len}.")
+        _check_teacher(index_q[:, rows], teacher_q.unsqueeze(0), teacher_k.unsqueeze(0), num_keys=seq_len)
+        if teacher_lse is not None and (self.topk_indices is None or teacher_lse.shape != teacher_q.shape[:3]):
+            raise ValueError(f"teacher_lse is for sparse mode and must be {tuple(teacher_q.shape[:3])} [B, H, n].")
+        d_q, d_k, d_w = self.grads
+        topk = None if self.topk_indices is None else self.topk_indices[:, rows]
         # Each layer's KL is linear in its target; weight 1/G per layer gives the group's mean.
         grad_scale = 1.0 / (self._rows * self.num_layers)
         with torch.no_grad():
-            total = _accumulate(index_q, index_k, index_weights, teacher_q.detach(), teacher_k.detach(),
-                                teacher_scale, self.topk_indices, grad_scale, *self.grads, self.backend)
-        layer_loss = total / self._rows
+            total = _accumulate(index_q[:, rows], index_k, index_weights[:, rows], teacher_q.detach().unsqueeze(0),
+                                teacher_k.detach().unsqueeze(0), teacher_scale, topk, grad_scale,
+                                d_q[:, rows], d_k, d_w[:, rows], self.backend,
+                                None if teacher_lse is None else teacher_lse.float().unsqueeze(0))
+        self._open_total = total if self._open_total is None else self._open_total + total
+        self._open_rows += block
+        if self._open_rows < seq_len:
+            return None
+        layer_loss = self._open_total / self._rows
+        self._open_rows, self._open_total = 0, None
         self.layer_losses.append(layer_loss)
         return layer_loss
 
@@ -158,13 +187,14 @@ class IndexerKLLoss:
 
 
 def _accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
-                grad_scale, d_q, d_k, d_w, backend) -> torch.Tensor:
+                grad_scale, d_q, d_k, d_w, backend, teacher_lse=None) -> torch.Tensor:
     use_triton = backend == "triton"
     if topk_indices is None:
         return dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
                                    grad_scale, d_q, d_k, d_w, use_triton=use_triton)
     return sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                                topk_indices, grad_scale, d_q, d_k, d_w, use_triton=use_triton)
+                                topk_indices, grad_scale, d_q, d_k, d_w, use_triton=use_triton,
+                                teacher_lse=teacher_lse)
 
 
 def indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float, *,

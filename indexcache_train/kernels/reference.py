@@ -57,3 +57,27 @@ def reference_indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teache
     inside = target > 0
     kl = torch.where(inside, target * (target.clamp_min(1e-30).log() - log_q.masked_fill(~inside, 0.0)), 0.0)
     return kl.sum(-1).mean()
+
+
+def sparse_mla_attention_reference(q, kv, indices, scale, value_dim, query_start=0):
+    """Materialising reference of `indexcache_train.kernels.sparse_mla.sparse_mla_attention` (both outputs):
+    dense scores of every query against every key, masked to the selected keys that are causally visible
+    (0 <= s <= query_start + t), as transformers' eager path masks them. Equal to the kernel's sum over slots
+    for duplicate-free selections. Computes in at least fp32; returns (out [B, L, H, value_dim], lse [B, L, H])."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, kv = q.to(dtype), kv.to(dtype)
+    batch, seq_len = q.shape[:2]
+    num_keys = kv.shape[1]
+    idx = indices.long()
+    valid = idx >= 0
+    selected = torch.zeros(batch, seq_len, num_keys + 1, dtype=torch.bool, device=q.device)
+    # Padding and out-of-range entries scatter into a spare column that is dropped afterwards.
+    selected.scatter_(-1, torch.where(valid & (idx < num_keys), idx, num_keys), True)
+    position = query_start + torch.arange(seq_len, device=q.device)
+    causal = torch.arange(num_keys, device=q.device)[None, :] <= position[:, None]
+    support = selected[..., :num_keys] & causal  # [B, L, T]
+    scores = torch.einsum("blhd,btd->blht", q, kv) * scale
+    scores = scores.masked_fill(~support[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no selected key gives 0, not NaN
+    return torch.einsum("blht,btv->blhv", probs, kv[..., :value_dim]), lse

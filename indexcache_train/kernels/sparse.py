@@ -18,7 +18,8 @@ Gradient, with c = grad_scale (the caller's 1/(B*L) times the upstream gradient)
 
 Triton path, per query row, in two kernels:
   1. `_sparse_teacher_kernel`: for each layer g and block of heads, pass 1 gathers the selected teacher keys
-     chunk by chunk and keeps an online (base-2) log-sum-exp per head; pass 2 recomputes the scores and adds
+     chunk by chunk and keeps an online (base-2) log-sum-exp per head (skipped when the caller passes the
+     LSE the sparse attention kernel already computed, `teacher_lse`); pass 2 recomputes the scores and adds
      (1/(G*H)) * sum_h exp2(z - lse_h) into a [rows, k] fp32 buffer p. With Hk = 1 (absorbed MLA, FlashMLA's
      form) one gather of k_T[idx] serves every head and the scores are one tl.dot with the heads as the M
      dimension; with H/Hk < 16 (MHA) each head gathers its own keys and the scores are a broadcast-reduce.
@@ -72,27 +73,31 @@ def _teacher_chunk_scores(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, heads, hmask,
 
 
 @triton.jit
-def _teacher_block(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, idx_row, s_i_k, p_row, heads, hmask, R, K, D,
-                   scale_log2, inv_gh,
+def _teacher_block(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, idx_row, s_i_k, p_row, lse_row, s_lse_h, heads,
+                   hmask, R, K, D, scale_log2, inv_gh,
                    BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                   USE_DOT: tl.constexpr, CAST_FP32: tl.constexpr):
-    """Both passes for one layer and one block of heads; adds its share of the mean into the row's p."""
+                   USE_DOT: tl.constexpr, CAST_FP32: tl.constexpr, HAS_LSE: tl.constexpr):
+    """Both passes for one layer and one block of heads (pass 2 alone when the attention kernel already gave
+    each head's log-sum-exp); adds its share of the mean into the row's p."""
     offs_k = tl.arange(0, BK)
-    # Pass 1: online log-sum-exp (base 2) of each head over the selected keys.
-    m = tl.full((BH,), -1e30, dtype=tl.float32)  # finite start: an all-empty chunk gives no NaN
-    lsum = tl.zeros((BH,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        slots = k0 + offs_k
-        idx = tl.load(idx_row + slots * s_i_k, mask=slots < K, other=-1).to(tl.int64)
-        valid = idx >= 0
-        if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip chunks of empty slots entirely
-            z = _teacher_chunk_scores(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, heads, hmask, R, idx, valid, D,
-                                      BH, BK, BD, USE_DOT, CAST_FP32)
-            z = tl.where(valid[None, :], z * scale_log2, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
-            m = m_new
-    lse = m + tl.log2(tl.maximum(lsum, 1e-30))  # an empty row has no slot for pass 2 to touch
+    if HAS_LSE:
+        lse = tl.load(lse_row + heads * s_lse_h, mask=hmask, other=0.0) * 1.4426950408889634  # to base 2
+    else:
+        # Pass 1: online log-sum-exp (base 2) of each head over the selected keys.
+        m = tl.full((BH,), -1e30, dtype=tl.float32)  # finite start: an all-empty chunk gives no NaN
+        lsum = tl.zeros((BH,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            slots = k0 + offs_k
+            idx = tl.load(idx_row + slots * s_i_k, mask=slots < K, other=-1).to(tl.int64)
+            valid = idx >= 0
+            if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip chunks of empty slots entirely
+                z = _teacher_chunk_scores(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, heads, hmask, R, idx, valid, D,
+                                          BH, BK, BD, USE_DOT, CAST_FP32)
+                z = tl.where(valid[None, :], z * scale_log2, float("-inf"))
+                m_new = tl.maximum(m, tl.max(z, axis=1))
+                lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+                m = m_new
+        lse = m + tl.log2(tl.maximum(lsum, 1e-30))  # an empty row has no slot for pass 2 to touch
 
     # Pass 2: recompute the scores and add this block's share of the head/layer mean into p.
     for k0 in range(0, K, BK):
@@ -111,14 +116,15 @@ def _teacher_block(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, idx_row, s_i_k, p_ro
 
 @triton.jit
 def _sparse_teacher_kernel(
-    tq_ptr, tk_ptr, idx_ptr, pbar_ptr,
+    tq_ptr, tk_ptr, idx_ptr, pbar_ptr, lse_ptr,
     row0, L, K, G, H, R, D,
     s_tq_g, s_tq_b, s_tq_h, s_tq_l,
     s_tk_g, s_tk_b, s_tk_h, s_tk_l,
     s_i_b, s_i_l, s_i_k,
+    s_lse_g, s_lse_b, s_lse_h, s_lse_l,
     scale_log2, inv_gh,
     BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    USE_DOT: tl.constexpr, CAST_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, CAST_FP32: tl.constexpr, HAS_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = (row0 + pid).to(tl.int64)
@@ -130,6 +136,7 @@ def _sparse_teacher_kernel(
     # Pointers advance by the (possibly > 2^31) layer / kv-head strides instead of multiplying loop counters.
     tq_row = tq_ptr + b * s_tq_b + t * s_tq_l
     tk_g = tk_ptr + b * s_tk_b
+    lse_row = lse_ptr + b * s_lse_b + t * s_lse_l
     for g in range(G):
         if USE_DOT:
             # Blocks never straddle two kv heads, so each chunk's key gather is shared by all heads of a block.
@@ -138,16 +145,19 @@ def _sparse_teacher_kernel(
                 for h0 in range(0, R, BH):
                     hl = h0 + offs_h
                     heads = (kh * R + hl).to(tl.int64)
-                    _teacher_block(tq_row, s_tq_h, tk_kh, s_tk_h, s_tk_l, idx_row, s_i_k, p_row, heads, hl < R,
-                                   R, K, D, scale_log2, inv_gh, BH, BK, BD, USE_DOT, CAST_FP32)
+                    _teacher_block(tq_row, s_tq_h, tk_kh, s_tk_h, s_tk_l, idx_row, s_i_k, p_row, lse_row, s_lse_h,
+                                   heads, hl < R, R, K, D, scale_log2, inv_gh, BH, BK, BD, USE_DOT, CAST_FP32,
+                                   HAS_LSE)
                 tk_kh += s_tk_h
         else:
             for h0 in range(0, H, BH):
                 heads = (h0 + offs_h).to(tl.int64)
-                _teacher_block(tq_row, s_tq_h, tk_g, s_tk_h, s_tk_l, idx_row, s_i_k, p_row, heads, heads < H,
-                               R, K, D, scale_log2, inv_gh, BH, BK, BD, USE_DOT, CAST_FP32)
+                _teacher_block(tq_row, s_tq_h, tk_g, s_tk_h, s_tk_l, idx_row, s_i_k, p_row, lse_row, s_lse_h,
+                               heads, heads < H, R, K, D, scale_log2, inv_gh, BH, BK, BD, USE_DOT, CAST_FP32,
+                               HAS_LSE)
         tq_row += s_tq_g
         tk_g += s_tk_g
+        lse_row += s_lse_g
 
 
 @triton.jit
@@ -269,7 +279,7 @@ def _teacher_config(R: int, H: int, K: int, D: int):
 
 
 def _sparse_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
-                      grad_scale, d_index_q, d_index_k, d_index_weights, config=None):
+                      grad_scale, d_index_q, d_index_k, d_index_weights, config=None, teacher_lse=None):
     B, L, Hi, Di = index_q.shape
     G, _, H, _, D = teacher_q.shape
     Hk = teacher_k.shape[2]
@@ -292,16 +302,18 @@ def _sparse_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, tea
     rows = B * L
     chunk = max(1, min(rows, _PBAR_BUDGET_ELEMS // max(K, 1)))
     pbar = torch.empty(chunk, K, dtype=torch.float32, device=index_q.device)
+    # [G, B, H, L]; a 1-element stand-in when pass 1 computes the LSE (its strides are never used then)
+    lse = teacher_lse if teacher_lse is not None else pbar.new_zeros(1, 1, 1, 1)
     row_loss = torch.empty(rows, dtype=torch.float32, device=index_q.device)
     for row0 in range(0, rows, chunk):
         n = min(chunk, rows - row0)
         pbar[:n].zero_()
         _sparse_teacher_kernel[(n,)](
-            teacher_q, teacher_k, topk_indices, pbar,
+            teacher_q, teacher_k, topk_indices, pbar, lse,
             row0, L, K, G, H, R, D,
-            *teacher_q.stride()[:4], *teacher_k.stride()[:4], *topk_indices.stride(),
+            *teacher_q.stride()[:4], *teacher_k.stride()[:4], *topk_indices.stride(), *lse.stride(),
             float(teacher_scale) * LOG2E, 1.0 / (G * H),
-            BH=BH, BK=BK, BD=BD, USE_DOT=use_dot, CAST_FP32=interpret,
+            BH=BH, BK=BK, BD=BD, USE_DOT=use_dot, CAST_FP32=interpret, HAS_LSE=teacher_lse is not None,
             num_warps=t_warps, num_stages=t_stages,
         )
         _sparse_student_kernel[(n,)](
@@ -318,7 +330,7 @@ def _sparse_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, tea
 
 # ---------------------------------------------------------------------------------------------- torch ----
 def _sparse_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
-                     grad_scale, d_index_q, d_index_k, d_index_weights):
+                     grad_scale, d_index_q, d_index_k, d_index_weights, teacher_lse=None):
     """Chunks of query rows, per-row gathers; never an [L, L] tensor. Computes in (at least) fp32."""
     B, L, Hi, Di = index_q.shape
     G, _, H, _, D = teacher_q.shape
@@ -329,7 +341,8 @@ def _sparse_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teac
     cdt = torch.promote_types(index_q.dtype, torch.float32)
     teacher_q, teacher_k = teacher_q.detach(), teacher_k.detach()
     index_q, index_k, index_weights = index_q.detach(), index_k.detach(), index_weights.detach()
-    flat_dk = d_index_k.view(B * L, Di)
+    T = index_k.shape[1]  # all keys; the query rows may be a block of them
+    flat_dk = d_index_k.view(B * T, Di)
 
     rows = B * L
     chunk = max(1, _TORCH_BUDGET_ELEMS // max(1, K * max(D, Di, Hi, R)))
@@ -350,7 +363,11 @@ def _sparse_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teac
                 qh = teacher_q[g][bv, kh * R:(kh + 1) * R, tv].to(cdt)  # [n, R, D]
                 z = torch.einsum("nhd,nkd->nhk", qh, keys) * teacher_scale
                 z = z.masked_fill(~valid[:, None, :], float("-inf"))
-                p += torch.softmax(z, dim=-1).nan_to_num(0.0).sum(1)
+                if teacher_lse is None:
+                    p += torch.softmax(z, dim=-1).nan_to_num(0.0).sum(1)
+                else:  # each head's log-sum-exp as the attention kernel computed it
+                    lse = teacher_lse[g][bv, kh * R:(kh + 1) * R, tv].to(cdt)  # [n, R]
+                    p += torch.exp(z - lse[:, :, None]).nan_to_num(0.0).sum(1)
         p /= G * H
 
         # Student.
@@ -370,7 +387,7 @@ def _sparse_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teac
         gm = torch.where(a > 0, di[:, None, :] * wi[:, :, None], 0.0)  # [n, Hi, K]
         d_index_q[bv, tv] += torch.einsum("nhk,nkd->nhd", gm, ki).float()
         dks = torch.einsum("nhk,nhd->nkd", gm, qi).float()  # [n, K, Di]
-        target = (bv[:, None] * L + idxc)[valid]
+        target = (bv[:, None] * T + idxc)[valid]
         flat_dk.index_add_(0, target, dks[valid])
     return total.float()
 
@@ -378,18 +395,21 @@ def _sparse_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teac
 # ------------------------------------------------------------------------------------------- dispatch ----
 def sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float,
                          topk_indices, grad_scale: float, d_index_q, d_index_k, d_index_weights, *,
-                         use_triton: bool) -> torch.Tensor:
+                         use_triton: bool, teacher_lse=None) -> torch.Tensor:
     """Adds grad_scale * d(sum over rows of KL)/d(index tensor) into the three fp32 accumulators
     (same shapes as the index tensors, contiguous fp32, possibly non-zero: ADD, don't overwrite) and returns
     the sum over all B*L rows of KL(p||q) as an fp32 0-dim tensor (no autograd graph).
 
-    index_q [B, L, Hi, Di], index_k [B, L, Di], index_weights [B, L, Hi]; teacher_q [G, B, H, L, D],
-    teacher_k [G, B, Hk, L, D]; topk_indices [B, L, k] int32/int64 with -1 for empty slots (validated by
-    the caller: valid entries satisfy 0 <= s <= t and are distinct within a row).
+    index_q [B, L, Hi, Di], index_k [B, T, Di], index_weights [B, L, Hi]; teacher_q [G, B, H, L, D],
+    teacher_k [G, B, Hk, T, D]; topk_indices [B, L, k] int32/int64 with -1 for empty slots (validated by
+    the caller: valid entries are keys of the row's causal past and are distinct within a row). The L query
+    rows may be a block of the T keys' sequence (views along L of the full tensors, accumulators included).
+    teacher_lse [G, B, H, L] fp32, optional: each head's natural-log log-sum-exp over the selection, as the
+    sparse attention kernel returns it; given, the teacher's first pass is skipped.
     """
     with torch.no_grad():
         if topk_indices.shape[-1] == 0 or index_q.shape[1] == 0:
             return torch.zeros((), dtype=torch.float32, device=index_q.device)
         fn = _sparse_kl_triton if use_triton else _sparse_kl_torch
         return fn(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
-                  grad_scale, d_index_q, d_index_k, d_index_weights)
+                  grad_scale, d_index_q, d_index_k, d_index_weights, teacher_lse=teacher_lse)

@@ -1,0 +1,270 @@
+"""Forward-only sparse MLA attention in the absorbed form (FlashMLA-style sparse prefill): a Triton kernel, its
+launch helper and a chunked torch path with the same semantics.
+
+Absorbed MLA. Token s has a latent c[s] (kv_lora_rank dims) and a rope key k_R[s] shared by all heads; head h
+expands them to k_h[s] = [W_K[h] c[s] ; k_R[s]] and v_h[s] = W_V[h] c[s] (kv_b_proj.weight, per head). Since
+    q_h . k_h[s] = (W_K[h]^T q_N,h) . c[s] + q_R,h . k_R[s],
+the absorbed query q[h] = [W_K[h]^T q_N,h ; q_R,h] scores against ONE latent key kv[s] = [c[s] ; k_R[s]] for
+every head (MQA, D = kv_lora_rank + rope dims, e.g. 512 + 64), and o_h = W_V[h] (sum_s p_h[s] c[s]): the value
+is kv[s, :value_dim] and the caller applies W_V[h] to the output.
+
+For query row (b, t), at position query_start + t, and its slots j = 0..K-1 with idx_j = indices[b, t, j]:
+    valid_j = 0 <= idx_j <= min(query_start + t, T - 1)        (drops -1 padding and past-the-causal-limit keys)
+    z[h, j] = scale * q[b,t,h] . kv[b, idx_j]                   (valid slots only)
+    lse[h]  = log sum_j exp z[h, j]                              (-inf for a row with no valid slot)
+    out[h]  = sum_j exp(z[h, j] - lse[h]) kv[b, idx_j, :value_dim]   (0 for a row with no valid slot)
+The sum runs over slots: a key listed twice counts twice (an indexer's top-k never repeats one).
+
+Triton path: one program per (query row, block of BH heads). The row's query block stays resident; the kernel
+walks the slots in blocks of BK, gathers the BK selected kv rows ONCE for all BH heads, scores them with
+tl.dot (the value part [BH, DV] x [DV, BK] plus the rope tail [BH, DR] x [DR, BK], so both tiles are powers of
+two), keeps a base-2 online softmax in fp32 (log2(e) folded into the scale) and accumulates
+acc[BH, DV] += p.to(bf16) @ kv[:, :DV] in fp32. Only the blocks between the first and the last valid slot are
+visited: a branch inside the loop would stop Triton's software pipelining, and the masked loads of an
+all-invalid block in between move no memory. Under TRITON_INTERPRET=1 (CPU) every load is cast to fp32,
+since the interpreter's bf16 dot is wrong. The torch path gathers the selected keys for chunks of query rows
+(never an [L, T] tensor), computes in fp32 and is differentiable; the Triton path has no backward.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .indexer_kl import pick_backend
+from .sparse import _lastdim_contiguous
+
+LOG2E = 1.4426950408889634
+
+# Elements per intermediate tensor of the torch path (a chunk's gathered keys).
+_TORCH_BUDGET_ELEMS = 1 << 23
+# Triton reads TRITON_INTERPRET when a kernel is defined; the autotuner runs only compiled (with more than one
+# config it fails under the interpreter).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Autotuned (BK, num_warps, num_stages) on a GPU, by the size of the [BH, DV] fp32 accumulator. A large one
+# (64 heads x 512) needs 8 warps for 128 registers per thread; BK = 64 x 576 bf16 is 72 KiB of shared memory
+# per stage beside the 72 KiB query block (sm_90 compile, 2 stages: 216 KiB, 255 registers, ~400 B spilled;
+# BK = 32: 144 KiB, ~130 B spilled). Triton lays a dot that feeds another dot out with every warp along M, so
+# both warpgroups compute the whole [64, BK] score tile (in n = BK/2 wgmma tiles) while each keeps half of the
+# accumulator's columns: the scores cost twice their FLOPs. A small accumulator (16 x 64) runs on 4 warps.
+GPU_CONFIGS_LARGE_ACC = ((64, 8, 2), (32, 8, 2), (64, 8, 3), (32, 8, 3))
+GPU_CONFIGS_SMALL_ACC = ((64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2))
+# Small tiles under the interpreter, so that the CPU tests walk several slot blocks.
+INTERPRET_CONFIG = (16, 4, 1)
+
+
+# --------------------------------------------------------------------------------------------- Triton ----
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+    L, H, T, K, query_start, scale_log2,
+    s_q_b, s_q_l, s_q_h,
+    s_kv_b, s_kv_t,
+    s_i_b, s_i_l, s_i_k,
+    s_o_b, s_o_l, s_o_h,
+    s_lse_b, s_lse_l,
+    DV: tl.constexpr, DR: tl.constexpr, BDV: tl.constexpr, BDR: tl.constexpr,
+    BH: tl.constexpr, BK: tl.constexpr, IDX64: tl.constexpr, CAST_FP32: tl.constexpr,
+):
+    # Head blocks of one row are neighbours in launch order, so the second one finds the row's kv in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    n_hblocks = tl.cdiv(H, BH)
+    row = pid // n_hblocks
+    b = row // L
+    t = row % L
+    limit = tl.minimum(query_start + t, T - 1)
+
+    offs_h = (pid % n_hblocks) * BH + tl.arange(0, BH)
+    hmask = offs_h < H
+    offs_v = tl.arange(0, BDV)
+    offs_r = tl.arange(0, BDR)
+    offs_k = tl.arange(0, BK)
+
+    q_rows = q_ptr + b * s_q_b + t * s_q_l + offs_h[:, None] * s_q_h
+    qv = tl.load(q_rows + offs_v[None, :], mask=hmask[:, None] & (offs_v[None, :] < DV), other=0.0)
+    if CAST_FP32:
+        qv = qv.to(tl.float32)
+    if DR > 0:
+        qr = tl.load(q_rows + DV + offs_r[None, :], mask=hmask[:, None] & (offs_r[None, :] < DR), other=0.0)
+        if CAST_FP32:
+            qr = qr.to(tl.float32)
+
+    # Slot range [lo, hi) holding every valid slot of the row: the main loop visits only its blocks.
+    idx_row = idx_ptr + b * s_i_b + t * s_i_l
+    lo = K
+    hi = 0
+    for k0 in range(0, K, BK):
+        slots = k0 + offs_k
+        idx = tl.load(idx_row + slots * s_i_k, mask=slots < K, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx <= limit)
+        lo = tl.minimum(lo, tl.min(tl.where(valid, slots, K), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(valid, slots + 1, 0), axis=0))
+
+    kv_b = kv_ptr + b * s_kv_b
+    m = tl.full((BH,), -1e30, dtype=tl.float32)  # finite start: an all-invalid block gives no NaN
+    lsum = tl.zeros((BH,), dtype=tl.float32)
+    acc = tl.zeros((BH, BDV), dtype=tl.float32)
+    for k0 in range(lo // BK * BK, hi, BK):
+        slots = k0 + offs_k
+        idx = tl.load(idx_row + slots * s_i_k, mask=slots < hi, other=-1)
+        if IDX64:  # 32-bit row offsets save address arithmetic whenever one batch's kv spans < 2^31 elements
+            idx = idx.to(tl.int64)
+        valid = (idx >= 0) & (idx <= limit)
+        kv_rows = kv_b + idx[:, None] * s_kv_t
+        kvv = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
+        if CAST_FP32:
+            kvv = kvv.to(tl.float32)
+        z = tl.dot(qv, tl.trans(kvv), input_precision="ieee")
+        if DR > 0:
+            kvr = tl.load(kv_rows + DV + offs_r[None, :], mask=valid[:, None] & (offs_r[None, :] < DR), other=0.0)
+            if CAST_FP32:
+                kvr = kvr.to(tl.float32)
+            z = tl.dot(qr, tl.trans(kvr), z, input_precision="ieee")
+        z = tl.where(valid[None, :], z * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(kvv.dtype), kvv, acc * alpha[:, None], input_precision="ieee")
+        m = m_new
+
+    has = lsum > 0
+    out = acc / tl.where(has, lsum, 1.0)[:, None]  # a row with no valid slot has acc = 0
+    out_ptrs = out_ptr + b * s_o_b + t * s_o_l + offs_h[:, None] * s_o_h + offs_v[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=hmask[:, None] & (offs_v[None, :] < DV))
+    lse = tl.where(has, (m + tl.log2(tl.where(has, lsum, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + b * s_lse_b + t * s_lse_l + offs_h, lse, mask=hmask)
+
+
+def _prune_configs(configs, named_args, **meta):
+    large = meta["BH"] * meta["BDV"] > 64 * 128
+    wanted = GPU_CONFIGS_LARGE_ACC if large else GPU_CONFIGS_SMALL_ACC
+    return [c for c in configs if (c.kwargs["BK"], c.num_warps, c.num_stages) in wanted]
+
+
+# On a GPU the slot block, warps and stages are autotuned per shape (and dtype): the first call of each shape
+# compiles and times its configs.
+_autotuned_kernel = None if _INTERPRET else triton.autotune(
+    configs=[triton.Config({"BK": bk}, num_warps=w, num_stages=s)
+             for bk, w, s in dict.fromkeys(GPU_CONFIGS_LARGE_ACC + GPU_CONFIGS_SMALL_ACC)],
+    key=["H", "K", "DV", "DR"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_sparse_mla_fwd_kernel)
+
+
+def _sparse_mla_triton(q, kv, indices, scale, value_dim, query_start=0, *, out=None, lse=None, config=None):
+    """Launch the kernel; fills and returns (out [B, L, H, value_dim] in q.dtype, lse [B, L, H] fp32).
+    `out` / `lse` may be preallocated (any strides with a contiguous last dim). `config` = (BK, num_warps,
+    num_stages) skips the autotuner; CPU tensors (interpreter) use INTERPRET_CONFIG unless given one."""
+    B, L, H, D = q.shape
+    T, K = kv.shape[1], indices.shape[-1]
+    q, kv = _lastdim_contiguous(q), _lastdim_contiguous(kv)
+    if out is None:
+        out = torch.empty(B, L, H, value_dim, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
+    interpret = _INTERPRET or q.device.type != "cuda"  # CPU tensors only run under TRITON_INTERPRET=1
+    DR = D - value_dim
+    BH = min(64, max(16, triton.next_power_of_2(H)))  # tl.dot needs M >= 16: pad the heads of a small model
+    grid = (B * L * triton.cdiv(H, BH),)
+    args = (q, kv, indices, out, lse, L, H, T, K, query_start, float(scale) * LOG2E,
+            *q.stride()[:3], *kv.stride()[:2], *indices.stride(), *out.stride()[:3], *lse.stride()[:2])
+    meta = dict(DV=value_dim, DR=DR, BDV=max(16, triton.next_power_of_2(value_dim)),
+                BDR=max(16, triton.next_power_of_2(max(DR, 1))), BH=BH,
+                IDX64=T * kv.stride(1) >= 2 ** 31, CAST_FP32=interpret)
+    if interpret and config is None:
+        config = INTERPRET_CONFIG
+    if config is None:
+        _autotuned_kernel[grid](*args, **meta)
+    else:
+        bk, warps, stages = config
+        _sparse_mla_fwd_kernel[grid](*args, **meta, BK=bk, num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------- torch ----
+def _sparse_mla_torch(q, kv, indices, scale, value_dim, query_start=0):
+    """Chunks of query rows, one gather of the selected keys per chunk; differentiable. Computes in (at least)
+    fp32; returns (out in q.dtype, lse fp32)."""
+    B, L, H, D = q.shape
+    T, K = kv.shape[1], indices.shape[-1]
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    kv_flat = kv.to(cdt).reshape(B * T, D)
+    rows = B * L
+    chunk = max(1, _TORCH_BUDGET_ELEMS // (K * max(D, H)))
+    outs, lses = [], []
+    for r0 in range(0, rows, chunk):
+        r = torch.arange(r0, min(rows, r0 + chunk), device=q.device)
+        bv, tv = r // L, r % L
+        idx = indices[bv, tv].long()  # [n, K]
+        limit = (query_start + tv).clamp_max(T - 1)
+        valid = (idx >= 0) & (idx <= limit[:, None])
+        flat = bv[:, None] * T + torch.where(valid, idx, 0)
+        keys = kv_flat.index_select(0, flat.reshape(-1)).view(len(r), K, D)  # [n, K, D]
+        z = torch.matmul(q[bv, tv].to(cdt), keys.transpose(1, 2)) * scale  # [n, H, K]
+        z = z.masked_fill(~valid[:, None, :], float("-inf"))
+        lse = torch.logsumexp(z, dim=-1)  # -inf for a row with no valid slot
+        p = torch.exp(z - lse.clamp_min(torch.finfo(cdt).min)[..., None])  # 0 (not NaN) in such a row
+        outs.append(torch.matmul(p, keys[..., :value_dim]))
+        lses.append(lse)
+    out = torch.cat(outs).view(B, L, H, value_dim).to(q.dtype)
+    return out, torch.cat(lses).view(B, L, H).float()
+
+
+# ------------------------------------------------------------------------------------------- dispatch ----
+def _check_inputs(q, kv, indices, value_dim, query_start) -> None:
+    if q.dim() != 4 or kv.dim() != 3 or indices.dim() != 3:
+        raise ValueError(f"Expected q [B, L, H, D], kv [B, T, D] and indices [B, L, K]; got {tuple(q.shape)}, "
+                         f"{tuple(kv.shape)} and {tuple(indices.shape)}.")
+    B, L, H, D = q.shape
+    if kv.shape[0] != B or kv.shape[2] != D:
+        raise ValueError(f"kv {tuple(kv.shape)} must be [B={B}, T, D={D}] to match q {tuple(q.shape)}.")
+    if indices.shape[:2] != (B, L):
+        raise ValueError(f"indices {tuple(indices.shape)} must be [B={B}, L={L}, K] to match q {tuple(q.shape)}.")
+    if kv.shape[1] < 1:
+        raise ValueError("kv has no token (T = 0).")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64; got {indices.dtype}.")
+    if not q.is_floating_point() or kv.dtype != q.dtype:
+        raise ValueError(f"q and kv must share one floating dtype; got {q.dtype} and {kv.dtype}.")
+    if not 1 <= value_dim <= D:
+        raise ValueError(f"value_dim must be in [1, D={D}]; got {value_dim}.")
+    if query_start < 0:
+        raise ValueError(f"query_start must be >= 0; got {query_start}.")
+    if kv.device != q.device or indices.device != q.device:
+        raise ValueError(f"q, kv and indices must share a device; got {q.device}, {kv.device}, {indices.device}.")
+
+
+def sparse_mla_attention(q, kv, indices, scale: float, *, value_dim: int, query_start: int = 0,
+                         backend: str | None = None, return_lse: bool = False):
+    """Sparse attention of absorbed MLA queries over one shared latent key per token (see the module doc).
+
+    q [B, L, H, D] (absorbed query: kv_lora dims then rope dims, e.g. D = 512 + 64), kv [B, T, D] (one latent
+    key per token shared by all heads, MQA), value = kv[..., :value_dim], indices [B, L, K] int32/int64: the
+    selected keys of each query; slot j of query row t is valid iff 0 <= indices[b,t,j] <= query_start + t
+    (and < T), so -1 padding AND entries past the causal limit are dropped (transformers pads short rows with
+    indices > t). Returns out [B, L, H, value_dim] in q.dtype and, if return_lse, lse [B, L, H] fp32
+    natural-log of sum_j exp(scale * q.kv) over valid slots (-inf for a row with no valid slot, whose output
+    is 0). backend: None -> "triton" on CUDA, "torch" on CPU; only the torch path has a backward.
+    """
+    _check_inputs(q, kv, indices, value_dim, query_start)
+    backend = pick_backend(q.device, backend)
+    B, L, H, _ = q.shape
+    if B * L == 0 or indices.shape[-1] == 0:
+        out = q.new_zeros(B, L, H, value_dim)
+        lse = torch.full((B, L, H), float("-inf"), dtype=torch.float32, device=q.device)
+    elif backend == "triton":
+        if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+            raise ValueError("The Triton sparse MLA kernel is forward-only: use backend='torch' for gradients "
+                             "or call it under torch.no_grad().")
+        out, lse = _sparse_mla_triton(q, kv, indices, scale, value_dim, query_start)
+    else:
+        out, lse = _sparse_mla_torch(q, kv, indices, scale, value_dim, query_start)
+    return (out, lse) if return_lse else out
+
+
+def sparse_mla_flops(B: int, L: int, H: int, D: int, value_dim: int, K: int) -> int:
+    """Matmul FLOPs of one call with every slot valid: 2*H*K*D for the scores plus 2*H*K*value_dim for p @ V,
+    per query row."""
+    return 2 * B * L * H * K * (D + value_dim)

@@ -1,0 +1,136 @@
+"""The long-context frozen forward: transformers' own DSA models with sparse MLA attention and a fused indexer
+selection, so that a forward holds nothing of size L x L.
+
+On `eager`/`sdpa`, transformers' GlmMoeDsa and DeepseekV32 turn each layer's top-k into an L x L mask and run
+dense masked attention (O(L^2) compute, two L x L bool tensors per layer), and their indexer holds fp32
+scores [B, L, H_I, L]. `use_sparse_forward(model)` switches a model, in place, to:
+
+- **attention** `SPARSE_ATTENTION`, registered in transformers' `AttentionInterface`, which hands it the
+  top-k as `indices=`. It computes MLA in the absorbed form, as FlashMLA does: with c_s the key latent and
+  W_k[h], W_v[h] the key and value halves of `kv_b_proj`,
+
+      q[h] . k_s[h] = (W_k[h]^T q_nope[h]) . c_s + q_rope[h] . k_rope_s,   o[h] = W_v[h] sum_s p[h, s] c_s,
+
+  so every head attends to one shared latent key [c_s, k_rope_s] (kv_lora + rope dims) and each selected key
+  is gathered once for all heads (`kernels.sparse_mla_attention`);
+- **keys** left in latent form: each attention's `expand_kv` returns the latent [B, 1, T, kv_lora + rope]
+  and c_s as the value, instead of H expanded keys and values;
+- **mask** (`AttentionMaskInterface`): a stride-0 view of one element; the kernels apply causality from the
+  positions, so the "mask" costs no memory at any L;
+- **selection**: each indexer's forward computes sum_h w relu(q_h . k) in fp32 blocks and its top-k
+  (`kernels.indexer_topk`), never [chunk, H_I, L].
+
+Attention taps (`capture.attention_taps`) see every layer's query and latent key (`AttentionCall.latent`);
+`AttentionCall.score_operands` gives the absorbed query that scores against it. `use_sparse_forward(model,
+enabled=False)` restores transformers' native path; `apply_indexcache` works the same on both.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .adapters import ADAPTERS, get_adapter
+from .capture import TAPPING_IMPLEMENTATIONS, AttentionCall, run_taps
+from .kernels import indexer_topk, sparse_mla_attention
+from .teacher import absorbed_query, deepspeed_gathered
+
+SPARSE_ATTENTION = "indexcache_sparse"
+# Query rows per absorbed block: bounds the [B, rows, H, kv_lora + rope] query and the latent output.
+ATTENTION_CHUNK_ROWS = 8192
+
+
+def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None,
+                        **kwargs):
+    """An `AttentionInterface` function: query [B, H, L, nope + rope], key the latent [B, 1, T, kv_lora + rope]
+    (see `_latent_kv`), indices [B, L, k]. Returns ([B, L, H, v_head_dim], None) as the native ones do."""
+    if indices is None:
+        raise RuntimeError(f"{SPARSE_ATTENTION} attention needs the DSA top-k (indices=); layer {module.layer_idx} "
+                           "passed none.")
+    batch, heads, seq_len, _ = query.shape
+    lora, nope = module.kv_lora_rank, module.qk_nope_head_dim
+    latent = key[:, 0]  # [B, T, kv_lora + rope]
+    query_start = latent.shape[1] - seq_len  # > 0 when a cache holds earlier tokens
+    weight = module.kv_b_proj.weight
+    with deepspeed_gathered(weight):  # expand_kv no longer runs kv_b_proj, so ZeRO-3 does not gather it for us
+        w_v = weight.view(heads, nope + module.v_head_dim, lora)[:, nope:]  # [H, v, kv_lora]
+        output = query.new_empty(batch, seq_len, heads, module.v_head_dim)
+        lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=query.device)
+        for start in range(0, seq_len, ATTENTION_CHUNK_ROWS):
+            rows = slice(start, start + ATTENTION_CHUNK_ROWS)
+            q_absorbed = absorbed_query(module, query, rows).transpose(1, 2)  # [B, n, H, kv_lora + rope]
+            latent_out, lse[:, rows] = sparse_mla_attention(q_absorbed, latent, indices[:, rows], scaling,
+                                                            value_dim=lora, query_start=query_start + start,
+                                                            return_lse=True)
+            output[:, rows] = torch.einsum("bthc,hvc->bthv", latent_out, w_v.to(latent_out.dtype))
+    # The taps run after the attention, so that the sparse KL can reuse its log-sum-exp.
+    run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True,
+                           lse=lse.transpose(1, 2)))
+    return output, None
+
+
+def _visible_mask(batch_size: int, q_length: int, kv_length: int, *, attention_mask=None, device="cpu",
+                  **kwargs) -> torch.Tensor:
+    """An `AttentionMaskInterface` function: all keys visible, as a [B, 1, q, kv] view of a single element.
+    The indexer and the attention apply causality themselves; a padding mask cannot be honoured."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(f"The {SPARSE_ATTENTION} forward does not take padding masks: pack sequences to a fixed "
+                         "length instead (the trainer's data does), or use model.attn_implementation=sdpa.")
+    return torch.ones((), dtype=torch.bool, device=device).expand(batch_size, 1, q_length, kv_length)
+
+
+AttentionInterface.register(SPARSE_ATTENTION, _sparse_mla_forward)
+AttentionMaskInterface.register(SPARSE_ATTENTION, _visible_mask)
+TAPPING_IMPLEMENTATIONS.add(SPARSE_ATTENTION)
+
+
+def _latent_kv(self: nn.Module, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`expand_kv` of an attention on the sparse forward: the latent key [B, 1, T, kv_lora + rope] and the
+    latent c_s as the value, unexpanded."""
+    return torch.cat([kv_nope, k_rot.to(kv_nope.dtype)], dim=-1), kv_nope
+
+
+@torch.no_grad()
+def _fused_indexer_forward(self: nn.Module, hidden_states: torch.Tensor, q_resid: torch.Tensor,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
+                           position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """`forward` of an indexer on the sparse forward: the native signature and top-k, causal by position (-1
+    in the slots of a row with fewer than k visible keys)."""
+    query, key = ADAPTERS[self.config.model_type].indexer_qk(self, hidden_states, q_resid, position_embeddings)
+    if cache is not None:
+        key = cache.update_indexer(key, self.layer_idx)
+    # relu(c x) = c relu(x) for c > 0: both scales go into the fp32 head weights, so q and k stay as computed.
+    weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float()
+    weights = weights * (self.n_heads**-0.5 * self.softmax_scale)
+    return indexer_topk(query, key, weights, self.index_topk, query_start=key.shape[1] - query.shape[1])
+
+
+def use_sparse_forward(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch a transformers DSA model to the sparse forward (see the module docstring), in place, and return
+    it; `enabled=False` restores transformers' native forward with `sdpa`. Only instance attributes change,
+    as Liger-Kernel patches modules: parameters and `state_dict()` keys stay as they are. Indexers that an
+    IndexCache pattern keeps aside are switched too, so they come back the same way."""
+    adapter = get_adapter(model)
+    for layer in range(adapter.num_layers(model)):
+        attention = adapter.attention(model, layer)
+        if not hasattr(attention, "kv_b_proj"):
+            raise ValueError(f"The sparse forward needs MLA attention; layer {layer} is {type(attention).__name__}.")
+        if enabled:
+            attention.expand_kv = types.MethodType(_latent_kv, attention)
+        else:
+            vars(attention).pop("expand_kv", None)
+    for indexer in adapter.all_indexers(model):
+        if enabled:
+            indexer.forward = types.MethodType(_fused_indexer_forward, indexer)
+        else:
+            vars(indexer).pop("forward", None)
+    model.config._attn_implementation = SPARSE_ATTENTION if enabled else "sdpa"
+    return model
+
+
+def uses_sparse_forward(model: nn.Module) -> bool:
+    return model.config._attn_implementation == SPARSE_ATTENTION
