@@ -18,7 +18,9 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
                accumulators, the inputs the projections' backward saved, and the group's int32 top-k
   attention    a R (q + 2 H (n + r) + (c + r)) + max of three phases:
                  indexer  4 R (Hi Di + Di + Hi) + 4 min(2^28, b L^2) + 4 R k   (fp32 q/k/w, logits block, top-k)
-                 KL       4 min(2^26, R k) + a b min(16384, L) H (c + r)      (p buffer, absorbed teacher block)
+                 KL       4 min(2^26, R k) + b min(16384, L) H (a (c + r) + 4 c) + a R H v + 4 R H
+                          (p buffer, the absorbed teacher block and its fp32 nope fold; the taps run after
+                          the attention, so its output and log-sum-exp are still there)
                  sparse   b C H (a (c + r) + 4 c + a c) + a R H v + a R d, C = min(8192, L)
                           (absorbed query block, its fp32 nope fold, latent output, attention output, o_proj)
   mlp          max(dense 3 a R I, routed 3 a R e I_e + a R e d + 3 a R I_e n_shared + 4 R E) + a R d
@@ -164,8 +166,10 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
     )
 
 
-def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_bytes: int = 2) -> dict[str, float]:
-    """The activation terms of the module docstring, in bytes."""
+def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_bytes: int = 2,
+                     logits_block: int = LOGITS_BLOCK) -> dict[str, float]:
+    """The activation terms of the module docstring, in bytes. `logits_block`: the top-k's fp32 block in
+    elements, 2^28 on a GPU (2^26 on a CPU, where the planner is checked)."""
     a, b, L = act_bytes, batch, seq_len
     rows = b * L
     H, n, r, v = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim)
@@ -174,8 +178,9 @@ def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_byt
     index_elems = hi * di + di + hi
     stream = 3 * a * rows * d
     groups = num_full * rows * (index_elems * (a + 4) + a * (d + q + di) + 4 * k)
-    indexer = 4 * rows * index_elems + 4 * min(LOGITS_BLOCK, b * L * L) + 4 * rows * k
-    kl = 4 * min(P_BUFFER, rows * k) + a * b * min(TEACHER_ROWS, L) * H * (c + r)
+    indexer = 4 * rows * index_elems + 4 * min(logits_block, b * L * L) + 4 * rows * k
+    kl = (4 * min(P_BUFFER, rows * k) + b * min(TEACHER_ROWS, L) * H * (a * (c + r) + 4 * c)
+          + a * rows * H * v + 4 * rows * H)
     chunk = min(ATTENTION_ROWS, L)
     sparse = b * chunk * H * (a * (c + r) + 4 * c + a * c) + a * rows * H * v + a * rows * d
     attention = a * rows * (q + 2 * H * (n + r) + (c + r)) + max(indexer, kl, sparse)

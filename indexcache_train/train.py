@@ -40,7 +40,7 @@ from .export import export_indexcache, trained_indexer_state
 from .files import write_text_atomically
 from .modeling import build_model_and_tokenizer
 from .plan import check_run_plan
-from .zero import ZeroContext, gathered_forward, place, zero_optimization
+from .zero import ZeroContext, gathered_forward, place, zero_settings
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -89,7 +89,7 @@ def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
         "gradient_accumulation_steps": cfg.trainer.gradient_accumulation_steps,
         "gradient_clipping": cfg.trainer.gradient_clipping,
-        "zero_optimization": zero_optimization(cfg.deepspeed),
+        **zero_settings(cfg.deepspeed),
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

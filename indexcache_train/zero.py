@@ -37,9 +37,10 @@ _LAYER_KEY = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
 # --------------------------------------------------------------------------------------------- config
-def zero_optimization(ds_cfg) -> dict:
-    """The `zero_optimization` section for a `DeepSpeedConfig` (stage, `offload_param`, `offload_optimizer`)."""
+def zero_settings(ds_cfg) -> dict:
+    """The DeepSpeed config keys of a `DeepSpeedConfig`'s ZeRO stage and offload settings."""
     section = {"stage": ds_cfg.zero_stage}
+    settings = {"zero_optimization": section}
     if ds_cfg.offload_param != "none":
         if ds_cfg.zero_stage != 3:
             raise ValueError(f"deepspeed.offload_param={ds_cfg.offload_param} needs ZeRO-3 (deepspeed.zero_stage=3, "
@@ -49,7 +50,9 @@ def zero_optimization(ds_cfg) -> dict:
         if ds_cfg.zero_stage == 0:
             raise ValueError(f"deepspeed.offload_optimizer={ds_cfg.offload_optimizer} needs ZeRO stage 1, 2 or 3.")
         section["offload_optimizer"] = _offload(ds_cfg.offload_optimizer, ds_cfg.nvme_path, "offload_optimizer")
-    return section
+        # DeepSpeed refuses a client optimizer with an offloaded state unless told; the indexers' AdamW is small.
+        settings["zero_force_ds_cpu_optimizer"] = False
+    return settings
 
 
 def _offload(device: str, nvme_path: str | None, key: str) -> dict:
@@ -159,7 +162,8 @@ def _layer_groups(weight_map: dict[str, str]) -> dict[str, list[str]]:
 
 
 def _read_group(folder: Path, keys: list[str], weight_map: dict[str, str], reader: bool, dtype) -> dict:
-    """Rank 0: the tensors (FP8 blocks dequantised); other ranks: meta tensors of the same shapes."""
+    """Rank 0: the tensors (FP8 blocks dequantised), mapped from the shards rather than read, so that only the
+    pages this layer touches come in; other ranks: meta tensors of the same shapes."""
     from safetensors import safe_open
 
     by_shard: dict[str, list[str]] = defaultdict(list)
@@ -174,8 +178,6 @@ def _read_group(folder: Path, keys: list[str], weight_map: dict[str, str], reade
                 else:
                     piece = f.get_slice(key)
                     state_dict[key] = torch.empty(piece.get_shape(), dtype=_dtype(piece.get_dtype()), device="meta")
-            if reader:  # copy out of the mapping, so that closing the shard releases its pages
-                state_dict.update({k: state_dict[k].clone() for k in shard_keys})
     for key in [k for k in state_dict if k.endswith(".weight_scale_inv")]:
         weight_key = key.removesuffix("_scale_inv")
         scale = state_dict.pop(key)

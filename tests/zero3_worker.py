@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
 
 from indexcache_train import train
-from indexcache_train.plan import meta_model, model_config
 
 
 def peak_rss_bytes() -> int:
@@ -24,8 +25,10 @@ def main(report: str, *overrides: str) -> None:
     facts = {}
 
     def recording_build(model_cfg):
-        # Everything the load imports, imported first on the meta device, so that the peak below is the load's.
-        meta_model(model_config(model_cfg))
+        # Everything a load imports and sets up (model code, kernels, tokenizer), done once on a tiny random
+        # model first, so that the peak below is the base's load alone.
+        build(OmegaConf.merge(model_cfg, {"name_or_path": None, "random_init": {"num_hidden_layers": 2}}))
+        AutoTokenizer.from_pretrained(model_cfg.name_or_path)
         facts["rss_before"] = peak_rss_bytes()
         model, tokenizer = build(model_cfg)
         params = list(model.parameters())
