@@ -26,7 +26,8 @@ import torch
 
 FP8_ROUTES = ("auto", "native", "dequantize")
 DEFAULT_BLOCK = (128, 128)
-INDEXER_MODULES = ["indexer"]  # transformers matches modules_to_not_convert against module-name components
+# transformers matches modules_to_not_convert from the start of a module's name, as a regex up to a boundary
+INDEXER_MODULES = [r".*\.indexer"]
 
 
 def quant_method(config) -> str | None:
@@ -41,15 +42,19 @@ def is_block_fp8(tensor: torch.Tensor) -> bool:
     return tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight [N, K] in FP8 times its per-block scale [ceil(N/bn), ceil(K/bk)], in `dtype`; the block size
-    follows from the shapes, as DeepSeek's own conversion has it."""
+def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype,
+                         block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+    """weight [N, K] in FP8 times its per-block scale [ceil(N/bn), ceil(K/bk)], in `dtype`."""
     from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
-    rows, cols = weight.shape[-2:]
-    block = [-(-rows // scale_inv.shape[-2]), -(-cols // scale_inv.shape[-1])]
     # transformers' own block dequantisation, in fp32 so that the scale multiplies exactly, then cast
-    return _dequantize_fp8_weight(weight, scale_inv.float(), block, torch.float32).to(dtype)
+    return _dequantize_fp8_weight(weight, scale_inv.float(), list(block), torch.float32).to(dtype)
+
+
+def block_size(config) -> tuple[int, int]:
+    quant = getattr(config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    return tuple(quant.get("weight_block_size") or DEFAULT_BLOCK)
 
 
 def fp8_kernels_missing() -> str | None:
@@ -83,6 +88,15 @@ def resolve_route(config, route: str, zero3: bool) -> str | None:
         raise RuntimeError(f"model.fp8=native needs transformers' FP8 kernels: {fp8_kernels_missing()}. "
                            "Or set model.fp8=dequantize.")
     return route
+
+
+def export_quantization(base_config: dict) -> dict | None:
+    """The base's FP8 `quantization_config` for an export whose indexers are bf16, or None for a bf16 base."""
+    quant = base_config.get("quantization_config")
+    if not quant or quant.get("quant_method") != "fp8":
+        return None
+    keep = list(quant.get("modules_to_not_convert") or [])
+    return {**quant, "modules_to_not_convert": keep + [m for m in INDEXER_MODULES if m not in keep]}
 
 
 def quantization_config(config, route: str):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fp8 import dequantize_block_fp8, is_block_fp8
+from .fp8 import block_size, dequantize_block_fp8, is_block_fp8, quant_method
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 _LAYER_KEY = re.compile(r"^(.*?\.layers\.\d+)\.")
@@ -116,10 +116,10 @@ def load_partitioned(name_or_path: str, *, dtype, trust_remote_code: bool = Fals
     folder = Path(name_or_path).expanduser()
     weight_map = _weight_map(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    fp8 = getattr(config, "quantization_config", None)
-    if fp8 is not None:
-        method = fp8.get("quant_method") if isinstance(fp8, dict) else getattr(fp8, "quant_method", None)
-        if str(method) not in ("fp8", "QuantizationMethod.FP8"):
+    block = block_size(config)
+    method = quant_method(config)
+    if method is not None:
+        if method != "fp8":
             raise ValueError(f"{folder} is quantised with {method!r}; ZeRO-3 loading dequantises only block FP8.")
         del config.quantization_config  # the partitioned model is built in `dtype`; the FP8 tensors dequantised below
     if dtype == "auto":
@@ -130,7 +130,7 @@ def load_partitioned(name_or_path: str, *, dtype, trust_remote_code: bool = Fals
     load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model))
     reader = torch.distributed.get_rank() == 0
     for keys in _layer_groups(weight_map).values():
-        state_dict = _read_group(folder, keys, weight_map, reader, dtype)
+        state_dict = _read_group(folder, keys, weight_map, reader, dtype, block)
         errors, _ = _load_state_dict_into_zero3_model(model, state_dict, load_config)
         if errors:
             raise RuntimeError(f"Loading {folder} into ZeRO-3 partitions failed: {errors[:3]}")
@@ -161,7 +161,7 @@ def _layer_groups(weight_map: dict[str, str]) -> dict[str, list[str]]:
     return groups
 
 
-def _read_group(folder: Path, keys: list[str], weight_map: dict[str, str], reader: bool, dtype) -> dict:
+def _read_group(folder: Path, keys: list[str], weight_map: dict[str, str], reader: bool, dtype, block) -> dict:
     """Rank 0: the tensors (FP8 blocks dequantised), mapped from the shards rather than read, so that only the
     pages this layer touches come in; other ranks: meta tensors of the same shapes."""
     from safetensors import safe_open
@@ -183,15 +183,15 @@ def _read_group(folder: Path, keys: list[str], weight_map: dict[str, str], reade
         scale = state_dict.pop(key)
         if weight_key in state_dict and is_block_fp8(state_dict[weight_key]):
             weight = state_dict[weight_key]
-            state_dict[weight_key] = (dequantize_block_fp8(weight, scale, dtype) if reader
+            state_dict[weight_key] = (dequantize_block_fp8(weight, scale, dtype, block) if reader
                                       else torch.empty(weight.shape, dtype=dtype, device="meta"))
     return state_dict
 
 
 def _dtype(name: str) -> torch.dtype:
-    from safetensors.torch import _getdtype
+    from transformers.modeling_utils import str_to_torch_dtype
 
-    return _getdtype(name)
+    return str_to_torch_dtype[name]
 
 
 # --------------------------------------------------------------------------------------------- placement
