@@ -122,19 +122,30 @@ def load_partitioned(name_or_path: str, *, dtype, trust_remote_code: bool = Fals
         if method != "fp8":
             raise ValueError(f"{folder} is quantised with {method!r}; ZeRO-3 loading dequantises only block FP8.")
         del config.quantization_config  # the partitioned model is built in `dtype`; the FP8 tensors dequantised below
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.bfloat16
-        dtype = torch.bfloat16 if dtype in ("float8_e4m3fn", torch.float8_e4m3fn) else dtype
+    if dtype == "auto":  # the checkpoint's own dtype; an FP8 one loads as bf16
+        dtype = getattr(torch, str(getattr(config, "dtype", None) or "bfloat16").removeprefix("torch."))
+        dtype = torch.bfloat16 if dtype.itemsize == 1 else dtype
+    # transformers initialises the partitions module by module (gathered); the checkpoint then overwrites them
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
                                              attn_implementation=attn_implementation)
     load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model))
     reader = torch.distributed.get_rank() == 0
-    for keys in _layer_groups(weight_map).values():
+    modules = dict(model.named_modules())
+    never_loaded = None
+    for prefix, keys in _layer_groups(weight_map).items():
+        if prefix and prefix not in modules:
+            continue  # a layer the model does not build, such as the multi-token-prediction layer
         state_dict = _read_group(folder, keys, weight_map, reader, dtype, block)
-        errors, _ = _load_state_dict_into_zero3_model(model, state_dict, load_config)
+        errors, missing = _load_state_dict_into_zero3_model(model, state_dict, load_config)
         if errors:
             raise RuntimeError(f"Loading {folder} into ZeRO-3 partitions failed: {errors[:3]}")
+        never_loaded = set(missing) if never_loaded is None else never_loaded & set(missing)
         del state_dict
+    params = {name for name, _ in model.named_parameters()}
+    unloaded = sorted(params & (never_loaded or set()))
+    if unloaded:
+        raise ValueError(f"{folder} holds no tensor for {len(unloaded)} of the model's parameters, e.g. "
+                         f"{unloaded[:3]}: is it a checkpoint of this architecture?")
     return model.eval()
 
 
