@@ -54,8 +54,8 @@ class Plan:
     optimizer_gib_per_gpu: float
     activations_gib_per_gpu: float
     total_gib_per_gpu: float
-    gpu_gib: float
-    fits: bool
+    gpu_gib: float | None  # None: planned without a GPU to fit (the trainer on a CPU)
+    fits: bool | None
     world_size: int
     seq_len: int
     micro_batch_size: int
@@ -73,8 +73,9 @@ class Plan:
                 ("weights per GPU", f"{self.weights_gib_per_gpu:.1f} GiB"),
                 ("optimizer per GPU", f"{self.optimizer_gib_per_gpu:.2f} GiB"),
                 ("activations per GPU", f"{self.activations_gib_per_gpu:.1f} GiB"),
-                ("total per GPU", f"{self.total_gib_per_gpu:.1f} GiB of {self.gpu_gib:.1f}"),
-                ("fits", "yes" if self.fits else "NO")]
+                ("total per GPU", f"{self.total_gib_per_gpu:.1f} GiB"
+                                  + (f" of {self.gpu_gib:.1f}" if self.gpu_gib is not None else "")),
+                ("fits", {True: "yes", False: "NO", None: "- (no GPU)"}[self.fits])]
         head = (f"Memory plan: {self.world_size} GPU(s), L={self.seq_len}, micro batch {self.micro_batch_size}, "
                 f"pattern {self.pattern}, ZeRO-{self.zero_stage}, offload param={self.offload_param} "
                 f"optimizer={self.offload_optimizer}")
@@ -96,7 +97,7 @@ def model_config(model_cfg):
     return tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
 
 
-def plan_from_config(cfg, *, world_size: int, gpu_gib: float, model: nn.Module | None = None,
+def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, model: nn.Module | None = None,
                      dtype_bytes: int = 2) -> Plan:
     """The plan of a trainer (or planner) config: its model, data.seq_len, trainer.micro_batch_size,
     distill.pattern and deepspeed groups; `model` as built, or None to build it on the meta device."""
@@ -124,7 +125,7 @@ def meta_model(config) -> nn.Module:
 
 def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_size: int, pattern,
                 zero_stage: int, offload_param: str = "none", offload_optimizer: str = "none", fp8_base: bool = False,
-                gpu_gib: float = H200_GIB, activation_scale: float = 1.0, reserve_gib: float = 2.0,
+                gpu_gib: float | None = H200_GIB, activation_scale: float = 1.0, reserve_gib: float = 2.0,
                 dtype_bytes: int = 2) -> Plan:
     """The per-GPU plan for distilling `model` with `pattern`: a model as built (meta or loaded, partitioned or
     not) before any pattern is applied, so that every indexer is in place. The S layers' indexers count as
@@ -160,7 +161,7 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
     return Plan(
         params_total=params_total, params_trainable=params_trainable, weights_gib_per_gpu=weights / GIB,
         optimizer_gib_per_gpu=optimizer / GIB, activations_gib_per_gpu=activations / GIB, total_gib_per_gpu=total,
-        gpu_gib=gpu_gib, fits=total <= gpu_gib - reserve_gib, world_size=world_size, seq_len=seq_len,
+        gpu_gib=gpu_gib, fits=None if gpu_gib is None else total <= gpu_gib - reserve_gib, world_size=world_size, seq_len=seq_len,
         micro_batch_size=micro_batch_size, pattern=str(pattern), zero_stage=zero_stage, offload_param=offload_param,
         offload_optimizer=offload_optimizer, terms_gib={k: v / GIB for k, v in terms.items()},
     )
@@ -237,7 +238,7 @@ def _numel(p: torch.Tensor) -> int:
 
 def check_run_plan(cfg, model: nn.Module, *, world_size: int, device: torch.device, dtype_bytes: int) -> Plan:
     """The trainer's start-of-run plan for `model` as loaded; on a GPU, a clear error when it does not fit."""
-    capacity = math.nan
+    capacity = None
     if device.type == "cuda":
         capacity = torch.cuda.get_device_properties(device).total_memory / GIB
         capacity *= cfg.trainer.gpu_memory_fraction or 1.0

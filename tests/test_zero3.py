@@ -79,3 +79,33 @@ def test_two_rank_zero3_loads_partitioned_and_matches_one_rank(tmp_path, base):
     exported = AutoModelForCausalLM.from_pretrained(sharded / "export")
     assert exported.config.index_topk_pattern == "FSSS" * 3
     torch.testing.assert_close(exported.state_dict()[next(iter(b))], b[next(iter(b))])
+
+
+def test_cpu_offload_runs_and_exports(tmp_path):
+    from test_train import smoke_config
+
+    from indexcache_train import train
+
+    cfg = smoke_config(tmp_path, "deepspeed=zero3_offload", "trainer.max_steps=2", "distill.dense_steps=1",
+                       "trainer.eval_batches=1")
+    assert train.deepspeed_config(cfg, bf16=False)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    summary = train.train(cfg)
+    assert summary["after"]["lm_loss"] < 10 and (tmp_path / "export" / "config.json").is_file()
+    assert json.loads((tmp_path / "plan.json").read_text())["offload_param"] == "cpu"
+
+
+def test_offload_settings_fail_clearly():
+    from omegaconf import OmegaConf
+
+    from indexcache_train.config import DeepSpeedConfig
+    from indexcache_train.zero import zero_settings
+
+    settings = lambda **kw: OmegaConf.structured(DeepSpeedConfig(**kw))  # noqa: E731
+    with pytest.raises(ValueError, match="needs ZeRO-3"):
+        zero_settings(settings(zero_stage=2, offload_param="cpu"))
+    with pytest.raises(ValueError, match="nvme_path"):
+        zero_settings(settings(zero_stage=3, offload_param="nvme"))
+    nvme = zero_settings(settings(zero_stage=3, offload_param="nvme", offload_optimizer="cpu", nvme_path="/nvme"))
+    assert nvme["zero_optimization"]["offload_param"] == {"device": "nvme", "pin_memory": torch.cuda.is_available(),
+                                                          "nvme_path": "/nvme"}
+    assert nvme["zero_force_ds_cpu_optimizer"] is False
