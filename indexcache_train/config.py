@@ -1,4 +1,4 @@
-"""Typed schemas of the Hydra configs under `configs/`, registered in Hydra's ConfigStore so that a typo
+"""Typed schemas of the Hydra configs under `indexcache_train/configs/`, registered in Hydra's ConfigStore so that a typo
 in an override fails at start-up rather than deep inside a run."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-# Absolute, so that Hydra finds the configs from console scripts too (it reads a relative path as a module).
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+# The YAML ships inside the package (package data), so an installed wheel finds it from any folder. Absolute,
+# because Hydra reads a relative config_path against the calling module, which breaks for console scripts.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 # The package's own small pretrained DSA model (scripts/pretrain_tiny.py); configs name it `${embedded_model:}`.
 EMBEDDED_MODEL_DIR = str(Path(__file__).resolve().parent / "embedded_model")
 OmegaConf.register_new_resolver("embedded_model", lambda: EMBEDDED_MODEL_DIR, replace=True)

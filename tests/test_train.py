@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from indexcache_train import distill, train
 from indexcache_train.modeling import byte_tokenizer
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[1] / "indexcache_train" / "configs"
 
 
 def smoke_config(output_dir, *overrides):
