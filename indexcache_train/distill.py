@@ -26,8 +26,8 @@ from torch import nn
 
 from .adapters import apply_indexcache, current_pattern, get_adapter, use_chunked_selection
 from .capture import AttentionCall, attention_taps
-from .evaluate import valid_selection
 from .kernels import IndexerKLLoss
+from .metrics import valid_selection
 from .pattern import IndexCachePattern
 from .teacher import TEACHER_FORMS, AbsorbedTeacher
 
