@@ -1,4 +1,4 @@
-"""`indexcache-search`: choose the F layers of an IndexCache pattern without training (DESIGN.md §2).
+"""`indexcache-search`: choose the F layers of an IndexCache pattern without training.
 
 Greedy search: start all-F; at each step, score switching every remaining F layer (never layer 0) to S by
 the mean LM loss on a fixed calibration set, keep the best switch, and repeat until the target number of F
