@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, capture_topk, dense_attention_probs
-from .config import CONFIG_DIR
-from .evaluate import attention_recall, check_seq_len, index_overlap, load_eval_batches, resolve_device
-from .modeling import build_model_and_tokenizer
+from .config import CONFIG_DIR, check_known_keys, register_configs
+from .data import load_batches
+from .metrics import attention_recall, index_overlap
+from .modeling import build_model_and_tokenizer, check_seq_len
 from .pattern import IndexCachePattern
 from .plots import plot_heatmap
-from .search_config import register_search_configs
+from .runtime import resolve_device
 
 
 @dataclass
@@ -110,7 +111,7 @@ def run(cfg: DictConfig) -> LayerPairs:
     device = resolve_device(cfg.device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     model.to(device).eval()
-    batches = load_eval_batches(cfg, tokenizer, device)
+    batches = load_batches(cfg.data, cfg.num_batches, tokenizer, device)
     if not batches:
         raise ValueError("No calibration batch: the data is empty.")
     pairs = layer_pairs(model, batches)
@@ -120,12 +121,15 @@ def run(cfg: DictConfig) -> LayerPairs:
     return pairs
 
 
-register_search_configs()
-
-
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="analyze")
-def main(cfg: DictConfig) -> LayerPairs:
+def _hydra_main(cfg: DictConfig) -> LayerPairs:
+    check_known_keys(cfg, "analyze")
     return run(cfg)
+
+
+def main() -> None:
+    register_configs()  # here, not at import: importing the package registers nothing
+    _hydra_main()
 
 
 if __name__ == "__main__":

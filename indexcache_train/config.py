@@ -1,23 +1,30 @@
-"""Typed schemas of the Hydra configs under `configs/`, registered in Hydra's ConfigStore so that a typo
-in an override fails at start-up rather than deep inside a run."""
+"""Typed schemas of the Hydra configs under `indexcache_train/configs/`, and the one place that registers them.
+
+Importing this module registers nothing. `register_configs()` puts the schemas in Hydra's ConfigStore (each
+CLI's `main()` calls it), and `compose_config()` composes a CLI's config in Python (tests, notebooks). Both
+paths end in `check_known_keys`, so a mistyped key, even one added with Hydra's `+key=value`, fails at
+start-up rather than being ignored.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
-# Absolute, so that Hydra finds the configs from console scripts too (it reads a relative path as a module).
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+# The YAML ships inside the package (package data), so an installed wheel finds it from any folder. Absolute,
+# because Hydra reads a relative config_path against the calling module, which breaks for console scripts.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 # The package's own small pretrained DSA model (scripts/pretrain_tiny.py); configs name it `${embedded_model:}`.
 EMBEDDED_MODEL_DIR = str(Path(__file__).resolve().parent / "embedded_model")
-OmegaConf.register_new_resolver("embedded_model", lambda: EMBEDDED_MODEL_DIR, replace=True)
-# Published models' config.json shapes, for the memory planner: `${model_shape:glm5}`.
-MODEL_SHAPES_DIR = Path(__file__).resolve().parent / "configs" / "model_shapes"
-OmegaConf.register_new_resolver("model_shape", lambda name: str(MODEL_SHAPES_DIR / f"{name}.json"), replace=True)
+# Published models' config.json shapes (a folder each), for the memory planner: `${model_shape:glm5}`.
+MODEL_SHAPES_DIR = Path(CONFIG_DIR) / "model_shapes"
 
 
 @dataclass
@@ -40,10 +47,10 @@ class DataConfig:
     split: str = "train"
     text_field: str = "text"
     seq_len: int = 256
-    batch_size: int = 2
+    batch_size: int = 2  # sequences per batch (per rank and micro-batch in training)
     max_records: int | None = None
     eval_files: Any = None  # held-out files for the before/after table; default: the stdlib validation split
-    seed: int = 0
+    seed: int = 0  # the shuffle; train.yaml sets it from the run's one `seed`
 
 
 @dataclass
@@ -69,8 +76,7 @@ class DistillConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches of data.batch_size sequences per optimizer step
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     lr_decay_steps: int | None = None  # the cosine's horizon; None: max_steps. Fix it to extend a run later.
@@ -80,7 +86,6 @@ class TrainerConfig:
     gradient_clipping: float = 1.0
     save_every: int = 200  # optimizer steps; a run that ends always saves
     eval_batches: int = 4  # validation batches for the before/after table; 0 skips it
-    seed: int = 0
     device: str = "auto"
     gpu_memory_fraction: float | None = None  # caps this process's CUDA memory (a smaller GPU, for offload runs)
     check_plan: bool = True  # print the memory plan at start; stop when it does not fit the GPU
@@ -120,6 +125,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     plan: PlanSettings = field(default_factory=PlanSettings)  # the start-of-run memory plan (world_size unused)
+    seed: int = 0  # one seed for the run: random init, data order and every RNG (train.yaml passes it on)
     output_dir: str = "outputs/train"
     resume: str | None = None  # auto: continue from the latest checkpoint in output_dir, if any; or a path
     export: bool = True  # write ${output_dir}/export at the end
@@ -136,11 +142,69 @@ class PlanConfig:
     output_dir: str = "outputs/plan"
 
 
+@dataclass
+class GreedyConfig:
+    num_full: int | None = None  # stop with this many F layers ...
+    ratio: float | None = 0.125  # ... or at round(ratio * num_layers) of them; neither: down to one F layer
+    block_size: int | None = None  # search blocks of this many layers independently (cheaper); None: one block
+    reference_freqs: list[int] = field(default_factory=lambda: [2, 4, 8])  # uniform patterns plotted as references
+
+
+@dataclass
+class SearchConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: GreedyConfig = field(default_factory=GreedyConfig)
+    num_batches: int | None = 4  # the calibration set: the first batches of the split
+    resume: bool = True  # continue from ${output_dir}/search.json when it holds an unfinished search
+    device: str = "auto"
+    output_dir: str = "outputs/search"
+
+
+@dataclass
+class AnalyzeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    num_batches: int | None = 2
+    device: str = "auto"
+    output_dir: str = "outputs/analyze"
+
+
+# Each CLI's primary config (a YAML under configs/) and its schema.
+SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "search": SearchConfig, "analyze": AnalyzeConfig,
+           "plan": PlanConfig}
+_GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "trainer": TrainerConfig,
+           "deepspeed": DeepSpeedConfig, "logger": LoggerConfig}
+
+
 def register_configs() -> None:
+    """Put every schema in Hydra's ConfigStore and the `${embedded_model:}` / `${model_shape:NAME}` resolvers in
+    OmegaConf."""
+    OmegaConf.register_new_resolver("embedded_model", lambda: EMBEDDED_MODEL_DIR, replace=True)
+    OmegaConf.register_new_resolver("model_shape", lambda name: str(MODEL_SHAPES_DIR / name), replace=True)
     store = ConfigStore.instance()
-    store.store(name="eval_schema", node=EvalConfig)
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="plan_schema", node=PlanConfig)
-    for group, node in (("model", ModelConfig), ("data", DataConfig), ("distill", DistillConfig),
-                        ("trainer", TrainerConfig), ("deepspeed", DeepSpeedConfig), ("logger", LoggerConfig)):
+    for name, node in SCHEMAS.items():
+        store.store(name=f"{name}_schema", node=node)
+    for group, node in _GROUPS.items():
         store.store(group=group, name=f"{group}_schema", node=node)
+
+
+def check_known_keys(cfg: DictConfig, name: str) -> None:
+    """Every key of `cfg` must exist in the schema of CLI `name`; free-form dicts (`deepspeed.config`,
+    `model.random_init`) take any key. Hydra's `+key=value` bypasses the schema's struct flag, so this
+    merges the config into the schema once more, where an unknown key is an error."""
+    try:
+        # As plain data: merging a node that already carries the schema would keep the added key.
+        OmegaConf.merge(OmegaConf.structured(SCHEMAS[name]), OmegaConf.to_container(cfg, resolve=False))
+    except ConfigKeyError as error:
+        raise ValueError(f"Unknown config key {error.full_key!r}: the {name} config has no such setting "
+                         f"(check its spelling; `{name}.yaml` and indexcache_train/config.py list them).") from None
+
+
+def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config CLI `name` ("train", "eval", "search", "analyze" or "plan") would run with `overrides`."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(name, overrides=list(overrides))
+    check_known_keys(cfg, name)
+    return cfg

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,9 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, load_dataset
+from transformers import PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    TokenizerOrLoader = PreTrainedTokenizerBase | Callable[[], PreTrainedTokenizerBase] | None
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def load_records(
     if text_field not in dataset.column_names and "input_ids" not in dataset.column_names:
         raise ValueError(
             f"{source} has neither a {text_field!r} nor an 'input_ids' column (columns: {dataset.column_names}). "
-            "Set text_field to the column that holds the text."
+            "Name the column that holds the text with data.text_field=... (or give records with `input_ids`)."
         )
     if len(dataset) == 0:
         raise ValueError(f"{source} holds no records.")
@@ -218,7 +219,7 @@ def _root_cause(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------- packing
 def pack_dataset(
     dataset: Dataset,
-    tokenizer: PreTrainedTokenizerBase | None,
+    tokenizer: TokenizerOrLoader,
     seq_len: int,
     *,
     text_field: str = "text",
@@ -231,7 +232,8 @@ def pack_dataset(
     `append_eos`, and the stream is cut into consecutive rows; the ragged tail (< seq_len tokens) is dropped.
     No special tokens other than that EOS are added. Records that already hold `input_ids` are packed verbatim
     (no tokenizer needed, no EOS added: include your own separators); they win over `text_field` when a
-    dataset has both.
+    dataset has both. `tokenizer` may be a zero-argument function that returns one (`modeling.LazyTokenizer`):
+    it is called only when the records hold text.
 
     The packed rows live in memory as int32 (4 bytes per token). Tokenisation runs through `dataset.map`, so
     it shows a progress bar, uses `num_proc` worker processes, and is cached when `dataset` is file-backed.
@@ -246,6 +248,8 @@ def pack_dataset(
             )
         if tokenizer is None:
             raise ValueError(f"The records hold text ({text_field!r}): pass a tokenizer to pack them.")
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            tokenizer = tokenizer()
         eos_id = tokenizer.eos_token_id if append_eos else None
         if append_eos and eos_id is None:
             raise ValueError("The tokenizer has no eos_token_id: set one, or pass append_eos=False.")
@@ -304,7 +308,7 @@ def load_packed(
     hub_name: str | None = None,
     *,
     seq_len: int,
-    tokenizer: PreTrainedTokenizerBase | None,
+    tokenizer: TokenizerOrLoader,
     split: str = "train",
     text_field: str = "text",
     max_records: int | None = None,
@@ -461,3 +465,19 @@ def build_dataloader(
         drop_last=drop_last,
         infinite=infinite,
     )
+
+
+def load_batches(data_cfg, num_batches: int | None, tokenizer: TokenizerOrLoader,
+                 device: torch.device) -> list[torch.Tensor]:
+    """The first `num_batches` batches (None: all) of the data a `DataConfig` names, in order, on `device`:
+    the evaluation and calibration sets of the eval, search and analyze CLIs."""
+    packed = load_packed(files=data_cfg.files, hub_name=data_cfg.hub_name, seq_len=data_cfg.seq_len,
+                         tokenizer=tokenizer, split=data_cfg.split, text_field=data_cfg.text_field,
+                         max_records=data_cfg.max_records)
+    loader = build_dataloader(packed, data_cfg.batch_size, seed=data_cfg.seed, shuffle=False, drop_last=False)
+    batches = []
+    for batch in loader:
+        if num_batches is not None and len(batches) == num_batches:
+            break
+        batches.append(batch["input_ids"].to(device))
+    return batches

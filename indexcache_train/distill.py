@@ -28,8 +28,8 @@ from torch import nn
 
 from .adapters import apply_indexcache, current_pattern, get_adapter
 from .capture import AttentionCall, attention_taps
-from .evaluate import valid_selection
 from .kernels import IndexerKLLoss
+from .metrics import valid_selection
 from .pattern import IndexCachePattern
 from .sparse_forward import uses_sparse_forward
 from .teacher import TEACHER_FORMS, AbsorbedTeacher, expanded_key

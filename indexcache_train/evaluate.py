@@ -28,9 +28,12 @@ from tqdm.auto import tqdm
 
 from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
-from .config import CONFIG_DIR, register_configs
-from .modeling import build_model_and_tokenizer
+from .config import CONFIG_DIR, check_known_keys, register_configs
+from .data import load_batches
+from .metrics import attention_recall, index_overlap, lm_loss
+from .modeling import build_model_and_tokenizer, check_seq_len
 from .pattern import IndexCachePattern
+from .runtime import resolve_device
 
 
 @dataclass
@@ -56,59 +59,12 @@ class EvalReport:
     shared_layers: list[SharedLayerStats] = field(default_factory=list)
 
 
-def valid_selection(topk_indices: torch.Tensor) -> torch.Tensor:
-    """[B, L, k] bool: slots that hold a real key (transformers pads short rows with indices > t)."""
-    query = torch.arange(topk_indices.shape[1], device=topk_indices.device)[None, :, None]
-    return (topk_indices >= 0) & (topk_indices <= query)
-
-
-def selection_mask(topk_indices: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """[B, L, num_keys] bool: True at the keys a row selected."""
-    valid = valid_selection(topk_indices)
-    mask = torch.zeros(*topk_indices.shape[:2], num_keys + 1, dtype=torch.bool, device=topk_indices.device)
-    mask.scatter_(-1, torch.where(valid, topk_indices.long(), num_keys), True)
-    return mask[..., :num_keys]
-
-
-def index_overlap(own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-    """Per row [B, L]: the fraction of `own`'s valid selection that `shared` contains."""
-    in_shared = selection_mask(shared, own.shape[1]).gather(-1, own.long().clamp(0, own.shape[1] - 1))
-    valid = valid_selection(own)
-    return (in_shared & valid).sum(-1) / valid.sum(-1).clamp_min(1)
-
-
-def attention_recall(probs: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
-    """Per row [B, L]: the attention mass of `probs` [B, L, L] inside `selection` [B, L, k]."""
-    return (probs * selection_mask(selection, probs.shape[-1])).sum(-1)
-
-
 def indexer_flops_per_layer(config, seq_len: int) -> float:
     """One indexer's FLOPs on one causal sequence: its three projections and the L(L+1)/2 scored pairs."""
     heads, dim = config.index_n_heads, config.index_head_dim
     projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (dim + heads))
     pairs = seq_len * (seq_len + 1) / 2
     return projections + pairs * heads * (2 * dim + 2)  # dot products, then ReLU-weighted head sum
-
-
-def check_seq_len(config, seq_len: int) -> None:
-    if seq_len <= config.index_topk:
-        raise ValueError(
-            f"The sequence length ({seq_len}) must exceed the model's index_topk ({config.index_topk}): "
-            "shorter sequences select every key and sharing changes nothing."
-        )
-
-
-@torch.no_grad()
-def lm_loss(model, batches: Iterable[torch.Tensor], desc: str) -> float:
-    """Mean next-token loss per predicted token, so that a short last batch weighs no more than its tokens."""
-    total, tokens = 0.0, 0
-    for ids in tqdm(batches, desc=desc):
-        predicted = ids[:, 1:].numel()
-        total += model(input_ids=ids, labels=ids).loss.float().item() * predicted
-        tokens += predicted
-    if not tokens:
-        raise ValueError("No evaluation batch: the data is empty.")
-    return total / tokens
 
 
 @torch.no_grad()
@@ -136,26 +92,6 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
         SharedLayerStats(layer, pattern.source_layer(layer), *(sums[layer] / rows).tolist())
         for layer in pattern.shared_layers
     ]
-
-
-@torch.no_grad()
-def layer_recalls(model, batches: Iterable[torch.Tensor]) -> list[float]:
-    """Per layer, on `model` as it runs (its current pattern): the attention-mass recall of the top-k the
-    layer attends to (its own on an F layer, its F layer's on an S layer), over rows with more candidate
-    keys than `index_topk`."""
-    topk, num_layers = model.config.index_topk, model.config.num_hidden_layers
-    sums = torch.zeros(num_layers, dtype=torch.float64)
-    rows = 0
-
-    def on_attention(call: AttentionCall) -> None:
-        recall = attention_recall(dense_attention_probs(call), call.topk_indices)[:, topk:]
-        sums[call.layer] += recall.sum().double().cpu()
-
-    with attention_taps(model, on_attention):
-        for ids in tqdm(batches, desc="attention-mass recall"):
-            model(input_ids=ids, use_cache=False)
-            rows += ids.shape[0] * (ids.shape[1] - topk)
-    return (sums / rows).tolist()
 
 
 def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | str | float) -> EvalReport:
@@ -205,34 +141,13 @@ def format_report(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def load_eval_batches(cfg, tokenizer, device: torch.device) -> list[torch.Tensor]:
-    from .data import build_dataloader, load_packed
-
-    packed = load_packed(files=cfg.data.files, hub_name=cfg.data.hub_name, seq_len=cfg.data.seq_len,
-                         tokenizer=tokenizer, split=cfg.data.split, text_field=cfg.data.text_field,
-                         max_records=cfg.data.max_records)
-    loader = build_dataloader(packed, cfg.data.batch_size, seed=cfg.data.seed, shuffle=False, drop_last=False)
-    batches = []
-    for batch in loader:
-        if cfg.num_batches is not None and len(batches) == cfg.num_batches:
-            break
-        batches.append(batch["input_ids"].to(device))
-    return batches
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-register_configs()
-
-
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> EvalReport:
+def _hydra_main(cfg: DictConfig) -> EvalReport:
+    check_known_keys(cfg, "eval")
     device = resolve_device(cfg.device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     model.to(device).eval()
-    batches = load_eval_batches(cfg, tokenizer, device)
+    batches = load_batches(cfg.data, cfg.num_batches, tokenizer, device)
     report = evaluate(model, batches, cfg.pattern)
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -241,6 +156,11 @@ def main(cfg: DictConfig) -> EvalReport:
     print(format_report(report))
     print(f"Wrote {output / 'eval.json'}")
     return report
+
+
+def main() -> None:
+    register_configs()  # here, not at import: importing the package registers nothing
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from .adapters import apply_indexcache, current_pattern, get_adapter
 from .config import ModelConfig
 from .fp8 import export_quantization, is_block_fp8
 from .modeling import build_model_and_tokenizer, resolve_dtype
+from .runtime import rank, zero3_gathered
 from .pattern import IndexCachePattern
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -88,8 +89,8 @@ def export_indexcache(model: nn.Module, output_dir: str | os.PathLike, *, base_p
     else:
         gathered, trained, dropped = [], trained_indexer_state(model), shared_indexer_prefixes(model)
 
-    with _gathered(gathered):
-        if _rank() == 0:
+    with zero3_gathered(gathered):
+        if rank() == 0:
             with _atomic_folder(output_dir) as staging:
                 if base_weights is None:
                     model.save_pretrained(staging)
@@ -118,7 +119,7 @@ def trained_indexer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The F-layer indexer tensors on the CPU, named as in `model.state_dict()`, gathered from ZeRO-3
     partitions when needed (every rank must call it then). `load_trainable` reads them back."""
     indexers = full_indexers(model)
-    with _gathered([p for indexer in indexers.values() for p in indexer.parameters()]):
+    with zero3_gathered([p for indexer in indexers.values() for p in indexer.parameters()]):
         return {f"{prefix}.{key}": tensor.detach().to("cpu", copy=True)
                 for prefix, indexer in indexers.items() for key, tensor in indexer.state_dict().items()}
 
@@ -246,21 +247,6 @@ def _atomic_folder(target: Path) -> Iterator[Path]:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _gathered(params: list[nn.Parameter]):
-    """Gather ZeRO-3 partitioned parameters (read-only) on every rank; a no-op for ordinary parameters."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 # --------------------------------------------------------------------------------------------- model card
 def render_model_card(pattern: IndexCachePattern, architecture: str, facts: dict[str, Any] | None = None) -> str:
     groups = "\n".join(f"| {source} | {', '.join(map(str, served)) or '-'} |"
@@ -321,8 +307,9 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.Pa
     if base_path is not None and base_path.is_dir() and _weight_map(base_path) is not None:
         model, tokenizer = _skeleton(base_path, model_cfg), None
     else:
-        model, tokenizer = build_model_and_tokenizer(model_cfg)
+        model, lazy_tokenizer = build_model_and_tokenizer(model_cfg)
         base_path = base_path if base_path is not None and base_path.is_dir() else None
+        tokenizer = lazy_tokenizer() if base_path is None else None  # a local base's files are copied
     apply_indexcache(model, run["pattern"])
     load_trainable(model, trainable_path)
 

@@ -1,4 +1,9 @@
-"""Loading transformers' DSA models, and tiny configs of them for tests and smoke runs."""
+"""Loading transformers' DSA models, and tiny configs of them for tests and smoke runs.
+
+A run reads the model's config first (`load_model_config`): an unsupported architecture, or settings that do
+not fit the model, fail from config.json alone, before any weights load. The tokenizer is loaded only when the
+data holds text (`LazyTokenizer`): records of ready `input_ids` need none.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,12 @@ from transformers import (
     AutoTokenizer,
     DeepseekV32Config,
     GlmMoeDsaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
+from .adapters import ADAPTERS
 from .fp8 import quantization_config as fp8_quantization_config
 from .fp8 import resolve_route as fp8_route
 from .sparse_forward import SPARSE_ATTENTION, use_sparse_forward
@@ -48,16 +56,41 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
     return dtype
 
 
-def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
-               attn_implementation: str = SPARSE_ATTENTION, fp8: str = "auto") -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path, on the sparse
-    forward (`attn_implementation="indexcache_sparse"`) or transformers' own attention (`"sdpa"`, ...). Under
-    a live ZeRO-3 `zero.ZeroContext` the weights load straight into partitions; an FP8 base takes the `fp8`
-    route (fp8.py)."""
+def check_dsa_config(config: PretrainedConfig, source: str) -> None:
+    """A ValueError naming the supported architectures when `config` is not one of them."""
+    if getattr(config, "model_type", None) not in ADAPTERS:
+        supported = ", ".join(adapter.architecture for adapter in ADAPTERS.values())
+        found = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+        raise ValueError(f"{source} is a {found} (model_type {getattr(config, 'model_type', None)!r}): IndexCache "
+                         f"supports transformers' DSA models, {supported}.")
+
+
+def check_seq_len(config: PretrainedConfig, seq_len: int) -> None:
+    if seq_len <= config.index_topk:
+        raise ValueError(
+            f"The sequence length ({seq_len}) must exceed the model's index_topk ({config.index_topk}): "
+            "shorter sequences select every key and sharing changes nothing."
+        )
+
+
+def load_config(name_or_path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The DSA config at `name_or_path` (config.json only), with clear errors for a missing or foreign model."""
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"No model at {name_or_path!r}: expected a folder holding config.json.")
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_dsa_config(config, name_or_path)
+    return config
+
+
+def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
+               attn_implementation: str = SPARSE_ATTENTION, config: PretrainedConfig | None = None,
+               fp8: str = "auto") -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` of a DSA model, after `load_config`'s checks, on the sparse
+    forward (`attn_implementation="indexcache_sparse"`) or transformers' own attention (`"sdpa"`, ...). Under
+    a live ZeRO-3 `zero.ZeroContext` the weights load straight into partitions; an FP8 base takes the `fp8`
+    route (fp8.py)."""
+    config = config or load_config(name_or_path, trust_remote_code=trust_remote_code)
     route = fp8_route(config, fp8, zero3_enabled())
     if zero3_enabled():
         model = load_partitioned(name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
@@ -90,21 +123,58 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
-def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """From a `ModelConfig`: load `name_or_path`, or build `random_init` (a tiny config) for smoke runs."""
+class LazyTokenizer:
+    """The model's tokenizer, loaded the first time it is called: records of ready `input_ids` never call it,
+    so a base folder without tokenizer files trains on them. `loaded` is the tokenizer once called, else None."""
+
+    def __init__(self, cfg):
+        self.name_or_path, self.trust_remote_code = cfg.name_or_path, cfg.trust_remote_code
+        self.loaded: PreTrainedTokenizerBase | None = None
+
+    def __call__(self) -> PreTrainedTokenizerBase:
+        if self.loaded is None:
+            self.loaded = self._load()
+        return self.loaded
+
+    def _load(self) -> PreTrainedTokenizerBase:
+        if not self.name_or_path:
+            return byte_tokenizer()  # a random tiny model has no tokenizer of its own
+        try:
+            return AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"The data holds text, which needs a tokenizer, but none could be loaded from {self.name_or_path} "
+                f"({type(error).__name__}: {str(error).splitlines()[0]}). Add the tokenizer files to that folder, "
+                "or train on records that hold ready `input_ids` (a jsonl/parquet column `input_ids`, "
+                "data=files data.files=...), which need no tokenizer."
+            ) from error
+
+
+def load_model_config(cfg) -> PretrainedConfig:
+    """The config a `ModelConfig` describes: config.json of `name_or_path`, or the tiny `random_init` one."""
     if cfg.name_or_path:
-        model = load_model(cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                           attn_implementation=cfg.attn_implementation, fp8=cfg.fp8)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-        return model, tokenizer
+        return load_config(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     if not cfg.random_init:
         raise ValueError("Set model.name_or_path to a DSA checkpoint (or model.random_init for a smoke run).")
-    torch.manual_seed(cfg.seed)
     random_init = dict(cfg.random_init)
-    config = tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
+    return tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
+
+
+def build_model(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
+    """From a `ModelConfig` (and its `load_model_config`, when already read): load `name_or_path`, or build
+    `random_init` from `cfg.seed` for smoke runs."""
+    config = config or load_model_config(cfg)
+    if cfg.name_or_path:
+        return load_model(cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                          attn_implementation=cfg.attn_implementation, config=config, fp8=cfg.fp8)
+    torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype)
     # dtype at construction: under ZeRO-3 the parameters are partitions that a later .to() would not reach
     model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation),
                                              **({} if dtype == "auto" else {"dtype": dtype}))
-    model = _maybe_sparse(model, cfg.attn_implementation)
-    return model, byte_tokenizer()
+    return _maybe_sparse(model, cfg.attn_implementation)
+
+
+def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, LazyTokenizer]:
+    """`build_model(cfg)` and the `LazyTokenizer` that goes with it."""
+    return build_model(cfg), LazyTokenizer(cfg)

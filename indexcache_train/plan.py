@@ -83,32 +83,19 @@ class Plan:
         return "\n".join([head] + [f"  {label:<{width}}  {value}" for label, value in rows])
 
 
-def model_config(model_cfg):
-    """The transformers config a `ModelConfig` names: a checkpoint folder or config.json, or `random_init`."""
-    from transformers import AutoConfig
-
-    from .modeling import tiny_config
-
-    if model_cfg.name_or_path:
-        return AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-    if not model_cfg.random_init:
-        raise ValueError("Set model.name_or_path to a DSA checkpoint or config.json (or model.random_init).")
-    random_init = dict(model_cfg.random_init)
-    return tiny_config(random_init.pop("model_type", "glm_moe_dsa"), **random_init)
-
-
-def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, model: nn.Module | None = None,
-                     dtype_bytes: int = 2) -> Plan:
-    """The plan of a trainer (or planner) config: its model, data.seq_len, trainer.micro_batch_size,
-    distill.pattern and deepspeed groups; `model` as built, or None to build it on the meta device."""
+def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, config=None, dtype_bytes: int = 2) -> Plan:
+    """The plan of a trainer (or planner) config: its model (built on the meta device from `config`, or from
+    the config `cfg.model` names), data.seq_len, data.batch_size (the micro batch), distill.pattern and
+    deepspeed groups."""
     from .fp8 import quant_method
+    from .modeling import load_model_config
 
-    config = model_config(cfg.model) if model is None else model.config
+    config = config if config is not None else load_model_config(cfg.model)
     zero_stage = cfg.deepspeed.zero_stage
     # Only the native route keeps FP8 weights in memory; ZeRO-3 and model.fp8=dequantize hold model.dtype.
     fp8_base = quant_method(config) == "fp8" and cfg.model.fp8 != "dequantize" and zero_stage != 3
-    return plan_memory(meta_model(config) if model is None else model, world_size=world_size,
-                       seq_len=cfg.data.seq_len, micro_batch_size=cfg.trainer.micro_batch_size,
+    return plan_memory(meta_model(config), world_size=world_size,
+                       seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.batch_size,
                        pattern=cfg.distill.pattern, zero_stage=zero_stage, offload_param=cfg.deepspeed.offload_param,
                        offload_optimizer=cfg.deepspeed.offload_optimizer, fp8_base=fp8_base, gpu_gib=gpu_gib,
                        activation_scale=cfg.plan.activation_scale, reserve_gib=cfg.plan.reserve_gib,
@@ -116,8 +103,14 @@ def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, model: nn.M
 
 
 def meta_model(config) -> nn.Module:
-    """The architecture on the meta device: shapes only."""
+    """The architecture on the meta device: shapes only. Not under a live ZeRO-3 `zero.ZeroContext`, where
+    transformers would build it under `deepspeed.zero.Init` and initialise meta tensors."""
     from transformers import AutoModelForCausalLM
+
+    from .zero import zero3_enabled
+
+    if zero3_enabled():
+        raise RuntimeError("Plan before the ZeRO-3 context exists: a meta model cannot be built under zero.Init.")
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -236,13 +229,14 @@ def _numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-def check_run_plan(cfg, model: nn.Module, *, world_size: int, device: torch.device, dtype_bytes: int) -> Plan:
-    """The trainer's start-of-run plan for `model` as loaded; on a GPU, a clear error when it does not fit."""
+def check_run_plan(cfg, config, *, world_size: int, device: torch.device, dtype_bytes: int) -> Plan:
+    """The trainer's start-of-run plan for the model `config` describes, before any weight is read; on a GPU,
+    a clear error when it does not fit."""
     capacity = None
     if device.type == "cuda":
         capacity = torch.cuda.get_device_properties(device).total_memory / GIB
         capacity *= cfg.trainer.gpu_memory_fraction or 1.0
-    plan = plan_from_config(cfg, world_size=world_size, gpu_gib=capacity, model=model, dtype_bytes=dtype_bytes)
+    plan = plan_from_config(cfg, world_size=world_size, gpu_gib=capacity, config=config, dtype_bytes=dtype_bytes)
     if device.type == "cuda" and not plan.fits:
         raise RuntimeError(
             f"The memory plan does not fit: {plan.total_gib_per_gpu:.1f} GiB per GPU planned against "

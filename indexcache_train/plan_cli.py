@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .config import CONFIG_DIR, register_configs
+from .config import CONFIG_DIR, check_known_keys, register_configs
 from .files import write_text_atomically
 from .plan import H200_GIB, Plan, plan_from_config
 
@@ -31,13 +31,16 @@ def run_plan(cfg: DictConfig) -> Plan:
     return plan
 
 
-register_configs()
-
-
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="plan")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
+    check_known_keys(cfg, "plan")
     if not run_plan(cfg).fits:
         sys.exit(1)
+
+
+def main() -> None:
+    register_configs()  # here, not at import: importing the package registers nothing
+    _hydra_main()
 
 
 if __name__ == "__main__":

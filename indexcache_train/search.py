@@ -1,4 +1,4 @@
-"""`indexcache-search`: choose the F layers of an IndexCache pattern without training (DESIGN.md §2).
+"""`indexcache-search`: choose the F layers of an IndexCache pattern without training.
 
 Greedy search: start all-F; at each step, score switching every remaining F layer (never layer 0) to S by
 the mean LM loss on a fixed calibration set, keep the best switch, and repeat until the target number of F
@@ -37,12 +37,13 @@ from transformers.masking_utils import create_causal_mask
 
 from .adapters import SharedTopK, apply_indexcache, get_adapter
 from .capture import capture_topk
-from .config import CONFIG_DIR
-from .evaluate import check_seq_len, lm_loss, load_eval_batches, resolve_device
+from .config import CONFIG_DIR, check_known_keys, register_configs
+from .data import load_batches
 from .files import write_text_atomically
-from .modeling import build_model_and_tokenizer
+from .metrics import lm_loss
+from .modeling import build_model_and_tokenizer, check_seq_len
 from .pattern import OFFICIAL_OFFSET, PAPER_OFFSET, IndexCachePattern
-from .search_config import register_search_configs
+from .runtime import resolve_device
 
 CONVENTIONS = {PAPER_OFFSET: "paper", OFFICIAL_OFFSET: "official"}
 
@@ -335,7 +336,7 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     model.to(device).eval()
-    batches = load_eval_batches(cfg, tokenizer, device)
+    batches = load_batches(cfg.data, cfg.num_batches, tokenizer, device)
     if not batches:
         raise ValueError("No calibration batch: the data is empty.")
     output = Path(cfg.output_dir)
@@ -388,12 +389,15 @@ def format_summary(state: SearchState, result: dict) -> str:
     return "\n".join(lines)
 
 
-register_search_configs()
-
-
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="search")
-def main(cfg: DictConfig) -> dict:
+def _hydra_main(cfg: DictConfig) -> dict:
+    check_known_keys(cfg, "search")
     return run(cfg)
+
+
+def main() -> None:
+    register_configs()  # here, not at import: importing the package registers nothing
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ scores [B, L, H_I, L]. `use_sparse_forward(model)` switches a model, in place, t
 - **mask** (`AttentionMaskInterface`): a stride-0 view of one element; the kernels apply causality from the
   positions, so the "mask" costs no memory at any L;
 - **selection**: each indexer's forward computes sum_h w relu(q_h . k) in fp32 blocks and its top-k
-  (`kernels.indexer_topk`), never [chunk, H_I, L].
+  (`kernels.indexer_topk`), never [chunk, H_I, L];
+- **MLP** in blocks of `MLP_CHUNK_ROWS` tokens when no graph is being built: each token's MLP (or MoE
+  routing) is its own, so the result is the same, and the [L, intermediate] activations (three of them, 22 GB
+  at 200K tokens for DeepSeek-V3.2's 18432) shrink to one block's.
 
 Attention taps (`capture.attention_taps`) see every layer's query and latent key (`AttentionCall.latent`);
 `AttentionCall.score_operands` gives the absorbed query that scores against it. `use_sparse_forward(model,
@@ -42,6 +45,8 @@ from .teacher import absorbed_query, deepspeed_gathered
 SPARSE_ATTENTION = "indexcache_sparse"
 # Query rows per absorbed block: bounds the [B, rows, H, kv_lora + rope] query and the latent output.
 ATTENTION_CHUNK_ROWS = 8192
+# Tokens per MLP block of a no-grad forward.
+MLP_CHUNK_ROWS = 16384
 
 
 def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None,
@@ -94,6 +99,19 @@ def _latent_kv(self: nn.Module, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> t
     return torch.cat([kv_nope, k_rot.to(kv_nope.dtype)], dim=-1), kv_nope
 
 
+def _chunked_mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`forward` of a decoder layer's MLP on the sparse forward: the class's own forward, a block of tokens at
+    a time when no graph is being built (the frozen forward)."""
+    forward = type(self).forward
+    if torch.is_grad_enabled() or hidden_states.shape[1] <= MLP_CHUNK_ROWS:
+        return forward(self, hidden_states)
+    output = torch.empty_like(hidden_states)
+    for start in range(0, hidden_states.shape[1], MLP_CHUNK_ROWS):
+        rows = slice(start, start + MLP_CHUNK_ROWS)
+        output[:, rows] = forward(self, hidden_states[:, rows].contiguous())  # MoE layers view their input
+    return output
+
+
 @torch.no_grad()
 def _fused_indexer_forward(self: nn.Module, hidden_states: torch.Tensor, q_resid: torch.Tensor,
                            position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
@@ -119,10 +137,13 @@ def use_sparse_forward(model: nn.Module, enabled: bool = True) -> nn.Module:
         attention = adapter.attention(model, layer)
         if not hasattr(attention, "kv_b_proj"):
             raise ValueError(f"The sparse forward needs MLA attention; layer {layer} is {type(attention).__name__}.")
+        mlp = adapter.layers(model)[layer].mlp
         if enabled:
             attention.expand_kv = types.MethodType(_latent_kv, attention)
+            mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)
         else:
             vars(attention).pop("expand_kv", None)
+            vars(mlp).pop("forward", None)
     for indexer in adapter.all_indexers(model):
         if enabled:
             indexer.forward = types.MethodType(_fused_indexer_forward, indexer)

@@ -84,13 +84,28 @@ def make_topk(B, L, k, device="cuda", seed=0):
 
 
 # ------------------------------------------------------------------------------------------- timing ----
-def measure(fn, budget_s, warmup=True, clear=None):
-    """(median seconds, peak bytes allocated, extra bytes above what was allocated before the calls).
-    One warm-up call (compilation) unless warmup=False, then as many timed calls as fit in budget_s (1..20)."""
-    if warmup:
+def warm_up(fn, clear=None, max_calls=5, tolerance=0.2):
+    """Call `fn` until two calls in a row take times within `tolerance` of each other, at most `max_calls`
+    times. Compilation, autotuning, the allocator's growth and the first cuBLAS/SDPA calls of a process all
+    fall in these calls: a single warm-up call left the first timed row of a fresh process 30x too slow."""
+    previous = None
+    for _ in range(max_calls):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
         fn()
-    if clear is not None:
-        clear()  # the warm-up's gradients do not count in the baseline
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        if clear is not None:
+            clear()
+        if previous is not None and abs(elapsed - previous) <= tolerance * previous:
+            return
+        previous = elapsed
+
+
+def measure(fn, budget_s, clear=None):
+    """(median seconds, peak bytes allocated, extra bytes above what was allocated before the calls).
+    Warm-up calls first (`warm_up`), then as many timed calls as fit in budget_s (1..20)."""
+    warm_up(fn, clear)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -109,9 +124,9 @@ def measure(fn, budget_s, warmup=True, clear=None):
     return statistics.median(times), peak, peak - base
 
 
-def guarded(fn, budget_s, warmup=True, clear=None):
+def guarded(fn, budget_s, clear=None):
     try:
-        return measure(fn, budget_s, warmup, clear)
+        return measure(fn, budget_s, clear)
     except torch.cuda.OutOfMemoryError:
         return "OOM"
     finally:
@@ -200,9 +215,6 @@ def run_shape(mode, L, G, a):
     inputs = make_inputs(L, G, a)
     topk = make_topk(a.batch, L, k) if k else None
     budget = a.budget
-    # Long shapes: no warm-up call; every kernel was compiled at the shorter lengths run before (the
-    # specialisation does not change with L) and one call takes seconds.
-    warm = L < a.no_warmup_from
 
     leaves = list(inputs[:3])
 
@@ -212,16 +224,16 @@ def run_shape(mode, L, G, a):
 
     # For an absorbed-MLA teacher (Hk = 1, D = 576) SDPA has no fused kernel: its "floor" would be the
     # math backend, slower than the fused loss and out of memory from 32K.
-    row["floor"] = "skipped" if a.skip_floor else guarded(sdpa_step(inputs), budget, warm)
-    row["fused"] = guarded(fused_step(inputs, topk), budget, warm, clear)
+    row["floor"] = "skipped" if a.skip_floor else guarded(sdpa_step(inputs), budget)
+    row["fused"] = guarded(fused_step(inputs, topk), budget, clear)
     if a.skip_naive or L > NAIVE_MAX[mode]:
         row["naive"] = "skipped"
     else:
-        row["naive"] = guarded(naive_step(inputs, topk), budget, True, clear)
+        row["naive"] = guarded(naive_step(inputs, topk), budget, clear)
     if a.skip_chunked or L > CHUNKED_MAX[mode]:
         row["chunked"] = "skipped"
     else:
-        row["chunked"] = guarded(chunked_step(inputs, topk), budget, True, clear)
+        row["chunked"] = guarded(chunked_step(inputs, topk), budget, clear)
     fl, ff = floor_flops(L, G, a), fused_flops(L, G, a, k)
     row["floor_tflops"] = None if isinstance(row["floor"], str) else fl / row["floor"][0] / 1e12
     row["fused_tflops"] = None if isinstance(row["fused"], str) else ff / row["fused"][0] / 1e12
@@ -337,8 +349,6 @@ def main():
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per measurement")
     p.add_argument("--breakdown", nargs="*", default=None, metavar="L:G",
                    help="per-kernel CUDA time of the fused dense path at these shapes (default 8192:2)")
-    p.add_argument("--no-warmup-from", type=int, default=32768,
-                   help="skip the warm-up call from this L on (kernels compiled at shorter L)")
     p.add_argument("--tune", action="store_true", help="tile sweep of the dense kernels instead of the table")
     p.add_argument("--configs", type=str, default=None, help="JSON {kernel: [BM, BN, warps, stages]} override")
     p.add_argument("--out", type=str, default=None, help="write OUT.md and OUT.json")

@@ -22,12 +22,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from indexcache_train.files import write_text_atomically  # noqa: E402
-from indexcache_train.modeling import byte_tokenizer, tiny_config  # noqa: E402
-from indexcache_train.plan import GIB, calibration, meta_model  # noqa: E402
+from indexcache_train.files import write_text_atomically
+from indexcache_train.modeling import byte_tokenizer, tiny_config
+from indexcache_train.plan import GIB, calibration, meta_model
 
 
 def base_config(layers: int):
@@ -74,11 +71,11 @@ def main() -> None:
     run = args.output / "run"
     command = [sys.executable, "-m", "indexcache_train.train", "model=from_pretrained", f"model.name_or_path={base}",
                "model.dtype=bfloat16", "data=stdlib", f"data.seq_len={args.seq_len}", "deepspeed=zero3_offload",
-               f"trainer.gpu_memory_fraction={args.gpu_memory_fraction}", "trainer.micro_batch_size=1",
+               f"trainer.gpu_memory_fraction={args.gpu_memory_fraction}", "data.batch_size=1",
                f"trainer.max_steps={args.steps}", "trainer.warmup_steps=1", f"trainer.save_every={args.steps}",
                "trainer.eval_batches=1", "distill.pattern=0.25", "distill.stage=schedule",
                f"distill.dense_steps={args.steps // 2}", "logger=disabled", f"output_dir={run}", "resume=null"]
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run(command, check=True)
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import shlex
 import sys
@@ -61,15 +60,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from indexcache_train.adapters import get_adapter  # noqa: E402
-from indexcache_train.data import build_dataloader, load_packed  # noqa: E402
-from indexcache_train.distill import IndexerDistillation  # noqa: E402
-from indexcache_train.evaluate import layer_recalls, lm_loss, resolve_device  # noqa: E402
-from indexcache_train.files import write_text_atomically  # noqa: E402
-from indexcache_train.modeling import byte_tokenizer, tiny_config  # noqa: E402
-from indexcache_train.train import warmup_cosine  # noqa: E402
+from indexcache_train.adapters import get_adapter
+from indexcache_train.data import build_dataloader, load_packed
+from indexcache_train.distill import IndexerDistillation
+from indexcache_train.files import write_text_atomically
+from indexcache_train.metrics import layer_recalls, lm_loss
+from indexcache_train.modeling import byte_tokenizer, tiny_config
+from indexcache_train.optim import warmup_cosine
+from indexcache_train.runtime import resolve_device
 
 MODEL_SIZES = {
     # ~7.3M parameters, 14.7 MB in bf16. MLA and indexer shapes scaled down from GLM-5 (hidden 6144, 64 heads,
@@ -137,7 +135,7 @@ Step = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 def schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, steps // 20), steps, MIN_LR_RATIO))
+    return warmup_cosine(optimizer, max(1, steps // 20), steps, MIN_LR_RATIO)
 
 
 def lm_step(model: nn.Module, steps: int, lr: float, weight_decay: float) -> Step:

@@ -6,7 +6,7 @@ attention-mass recall of five rows:
 
   a. all-F                     every layer keeps its indexer (plain DSA); the same for every ratio
   b. uniform, training-free    the paper's uniform pattern FSSS... (offset 1), indexers as pretrained
-  c. searched, training-free   greedy search (DESIGN.md §2) on a calibration set from the training split;
+  c. searched, training-free   greedy search (`indexcache-search`, docs/search.md) on a calibration set from the training split;
                                one run down to the smallest ratio gives the nested patterns of the others,
                                each with as many F layers as (b)
   d. uniform + distillation    each F indexer distilled against every layer of its group (the multi-layer
@@ -16,11 +16,11 @@ attention-mass recall of five rows:
                                only), same steps and batches as (d); then evaluated with the uniform pattern
 
 **Mean attention-mass recall** (one definition, every row): run the model with the row's pattern through the
-attention tap (`evaluate.layer_recalls`, through `capture.attention_taps`). For each layer, take its dense causal attention, head-averaged
+attention tap (`metrics.layer_recalls`, through `capture.attention_taps`). For each layer, take its dense causal attention, head-averaged
 (`capture.dense_attention_probs`, from that forward's own queries and keys), and sum it over the top-k the
 layer actually attends to under the pattern (its own indexer's on an F layer, its F layer's on an S layer):
-`evaluate.attention_recall`. Only queries with more than `index_topk` candidate keys count (on the others any
-selection holds every key), as in `evaluate.py`. The figure is the mean over those queries, then over layers.
+`metrics.attention_recall`. Only queries with more than `index_topk` candidate keys count (on the others any
+selection holds every key), as in `metrics.py`. The figure is the mean over those queries, then over layers.
 
 The distillation here is a research reproduction, not the trainer: a plain torch AdamW loop on one device
 around `IndexerDistillation` (the production path, DeepSpeed and checkpoints, is `indexcache-train`). Each of
@@ -28,7 +28,7 @@ around `IndexerDistillation` (the production path, DeepSpeed and checkpoints, is
 the same batches. The dense stage uses `--dense-lr` (1e-3, DeepSeek's warm-up LR); the sparse stage
 `--sparse-lr` (1e-4, the tiny model's pretraining sparse LR: DeepSeek's 7.3e-6 was for a run of a far larger
 model and moves a 7M-parameter model's indexers by nothing in a few hundred steps). Each stage has its own
-AdamW with a linear warm-up then a cosine (`train.warmup_cosine`).
+AdamW with a linear warm-up then a cosine (`optim.warmup_cosine`).
 
     python scripts/reproduce_table.py --out outputs/reproduce/table --device cuda   # the embedded model, ~6.5 min
     python scripts/reproduce_table.py --model outputs/pretrain_tiny --out ...       # a fresh pretrain_tiny.py run
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -55,17 +54,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from indexcache_train.adapters import apply_indexcache, get_adapter
 from indexcache_train.config import EMBEDDED_MODEL_DIR
 from indexcache_train.data import build_dataloader, load_packed
 from indexcache_train.distill import IndexerDistillation
-from indexcache_train.evaluate import check_seq_len, layer_recalls, lm_loss, resolve_device
-from indexcache_train.modeling import load_model
+from indexcache_train.metrics import layer_recalls, lm_loss
+from indexcache_train.modeling import check_seq_len, load_model
+from indexcache_train.optim import warmup_cosine
 from indexcache_train.pattern import IndexCachePattern
+from indexcache_train.runtime import resolve_device
 from indexcache_train.search import greedy_search
-from indexcache_train.train import warmup_cosine
 
 ROWS = {
     "a": "all-F",
@@ -83,10 +81,10 @@ RECALL_DEFINITION = (
 GRAD_CLIP = 1.0
 MIN_LR_RATIO = 0.1
 
-# Quoted from the paper (DESIGN.md §2), never measured here: 30B DSA model, 200K context, long-context
+# Quoted from the IndexCache paper (arXiv 2603.12201), never measured here: 30B DSA model, 200K context, long-context
 # benchmark average (higher is better).
 PAPER_REFERENCE = """\
-**The paper's figures (quoted from DESIGN.md §2, not measured here).** 30B DSA model, 200K context;
+**The paper's figures (quoted from the IndexCache paper, arXiv 2603.12201; not measured here).** 30B DSA model, 200K context;
 long-context benchmark average, *higher* is better (our table reports LM loss, *lower* is better):
 
 | the paper's row | retention | long-context average |
@@ -94,7 +92,7 @@ long-context benchmark average, *higher* is better (our table reports LM loss, *
 | (a) baseline, all indexers | 1 | 50.2 |
 | (c) searched pattern, no training | 1/4 | 49.9 |
 | (b) uniform pattern, no training | 1/4 | 43.0 |
-| (d) uniform + training-aware | 1/2 | 51.6, "against 51.0" (as DESIGN.md §2 quotes it) |
+| (d) uniform + training-aware | 1/2 | 51.6, against 51.0 |
 | (d) uniform + training-aware | 1/4 | within 0.4 points of the baseline |
 
 The paper's findings: (c) ≈ (a) ≫ (b) at 1/4; (d) ≈ (a); (d) better than (e), the ablation without the
@@ -134,8 +132,7 @@ def distill(model: nn.Module, train_pattern: IndexCachePattern, layers: list[int
                 continue
             distillation.stage = stage
             optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, warmup_cosine(max(1, steps // 20), steps, MIN_LR_RATIO))
+            scheduler = warmup_cosine(optimizer, max(1, steps // 20), steps, MIN_LR_RATIO)
             for _ in range(steps):
                 # Each group's KL depends only on its own indexer (the inputs are detached), so the gradient
                 # of the sum on `params` is that of the distilled groups alone. In (e) the all-F grouping also

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from indexcache_train import analyze, search, train  # noqa: F401 (importing registers their config schemas)
-from indexcache_train.config import CONFIG_DIR, EMBEDDED_MODEL_DIR
+from indexcache_train import train
+from indexcache_train.config import EMBEDDED_MODEL_DIR, compose_config
 from indexcache_train.data import build_dataloader, load_packed
-from indexcache_train.evaluate import layer_recalls, lm_loss
+from indexcache_train.metrics import layer_recalls, lm_loss
 from indexcache_train.modeling import load_model
 
 MODEL = Path(EMBEDDED_MODEL_DIR)
@@ -53,8 +52,7 @@ def test_card_states_the_recorded_figures():
 
 @pytest.mark.parametrize("name", ["train", "eval", "search", "analyze"])
 def test_every_cli_defaults_to_the_embedded_model(name):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose(name)
+    cfg = compose_config(name)
     assert cfg.model.name_or_path == EMBEDDED_MODEL_DIR and cfg.model.dtype == "float32"
 
 
@@ -77,11 +75,10 @@ def test_the_model_has_learnt_the_corpus_and_its_indexers_their_layers(model_and
 
 def test_the_quickstart_preset_distils_the_quarter_pattern(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as a user's CPU run: the torch KL path
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("train", overrides=[
-            "experiment=quickstart", f"output_dir={tmp_path}", "logger.mode=disabled", "data.seq_len=256",
-            "data.max_records=20", "trainer.max_steps=2", "distill.dense_steps=1", "trainer.eval_batches=1",
-            "export=false"])
+    cfg = compose_config("train", [
+        "experiment=quickstart", f"output_dir={tmp_path}", "logger.mode=disabled", "data.seq_len=256",
+        "data.max_records=20", "trainer.max_steps=2", "distill.dense_steps=1", "trainer.eval_batches=1",
+        "export=false"])
     assert cfg.distill.pattern == 0.25 and cfg.model.name_or_path == EMBEDDED_MODEL_DIR
     summary = train.train(cfg)
     assert summary["pattern"] == "FSSSFSSS"

@@ -6,15 +6,8 @@ import pytest
 import torch
 from conftest import build_tiny
 
-from indexcache_train.evaluate import (
-    attention_recall,
-    evaluate,
-    format_report,
-    index_overlap,
-    indexer_flops_per_layer,
-    layer_recalls,
-    lm_loss,
-)
+from indexcache_train.evaluate import evaluate, format_report, indexer_flops_per_layer
+from indexcache_train.metrics import attention_recall, index_overlap, layer_recalls, lm_loss
 
 
 def test_overlap_counts_only_real_keys():

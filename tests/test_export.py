@@ -295,12 +295,14 @@ def test_cli_rejects_tensors_outside_the_f_indexers(tmp_path):
 # --------------------------------------------------------------------------------------------- distributed
 def test_zero3_parameters_are_gathered_and_only_rank_zero_writes(tmp_path, monkeypatch):
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     model = build_tiny()
     model.save_pretrained(tmp_path / "base")
     train(model)
     for param in model.parameters():
-        param.ds_id = id(param)  # what ZeRO-3 partitioning marks its parameters with
+        param.ds_id = id(param)  # what ZeRO-3 partitioning marks its parameters with, and a released state
+        param.ds_status = ZeroParamStatus.NOT_AVAILABLE
     gathered = []
 
     class RecordGather:
@@ -320,6 +322,6 @@ def test_zero3_parameters_are_gathered_and_only_rank_zero_writes(tmp_path, monke
     indexer_params = sum(len(list(indexer.parameters())) for indexer in full_indexers(model).values())
     assert gathered == [indexer_params, len(list(model.parameters()))]
 
-    monkeypatch.setattr(export_module, "_rank", lambda: 1)
+    monkeypatch.setattr(export_module, "rank", lambda: 1)
     export_indexcache(model, tmp_path / "rank1", base_path=tmp_path / "base")
     assert not (tmp_path / "rank1").exists()

@@ -89,6 +89,20 @@ def test_bad_indices_are_reported():
         indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk.float())
 
 
+def test_repeated_indices_are_rejected():
+    """A top-k is a set: a repeated key would count twice in the torch and Triton sums."""
+    index, tq, tk = make_inputs()
+    topk = random_topk(2, 37, 8)
+    topk[0, 20, 3] = topk[0, 20, 1]
+    with pytest.raises(ValueError, match=rf"topk_indices\[0, 20\] selects key {int(topk[0, 20, 1])} more than once"):
+        indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk)
+    with pytest.raises(ValueError, match="more than once"):
+        IndexerKLLoss(*index, num_layers=1, topk_indices=topk)
+    topk[0, 20, 3] = -1  # repeated empty slots are fine
+    topk[0, 20, 1] = -1
+    indexer_kl_loss(*index, tq, tk, 0.3, topk_indices=topk, backend="torch")
+
+
 def test_bad_shapes_are_reported():
     index, tq, tk = make_inputs()
     with pytest.raises(ValueError, match="index_k must be"):

@@ -162,6 +162,18 @@ def test_triton_matches_torch_path():
     assert_matches(t_out, t_lse, p_out, p_lse, 1e-5)
 
 
+@pytest.mark.parametrize("split", [0, 1])
+def test_score_formulations(split):
+    """Both score formulations of the kernel (SPLIT = 0: the plain chained dots; 1: the scores computed inside a
+    branch, the GPU's large-head default) give the reference, two head blocks and invalid slots included."""
+    B, L, T, H, D, value_dim, K, query_start = CASES["two_head_blocks_mid"]
+    q, kv, idx, scale = make_inputs(B, L, T, H, D, K, query_start=query_start, seed=11)
+    ref_out, ref_lse = sparse_mla_attention_reference(q.double(), kv.double(), idx, scale, value_dim, query_start)
+    q, kv, idx = (x.to(TRITON_DEVICE) for x in (q, kv, idx))
+    out, lse = _sparse_mla_triton(q, kv, idx, scale, value_dim, query_start, config=(16, 4, 1, split))
+    assert_matches(out.cpu(), lse.cpu(), ref_out, ref_lse, 1e-4)
+
+
 def test_mla_equivalence():
     """The absorbed form is transformers' MLA: with k_h = [W_K[h] c ; k_R] and v_h = W_V[h] c (kv_b_proj's
     weight viewed as [H, dn + dv, r]), softmax attention of q_h = [q_N ; q_R] over the selected keys equals

@@ -2,13 +2,21 @@
 never rot."""
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+
+
+@pytest.fixture(autouse=True)
+def this_checkout(monkeypatch):
+    """The kernels (and the runs they start) import this checkout's package, installed or not."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def execute(name: str, workdir: Path, **parameters) -> nbformat.NotebookNode:

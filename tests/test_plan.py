@@ -4,23 +4,19 @@ import ctypes
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from indexcache_train.config import compose_config
 from indexcache_train.distill import IndexerDistillation
 from indexcache_train.plan import activation_terms
 from indexcache_train.plan_cli import run_plan
 
-CONFIGS = Path(__file__).parents[1] / "configs"
-
 
 def test_plan_cli_writes_every_field(tmp_path):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = compose("plan", overrides=["model=deepseek_v32_shape", "plan.world_size=16", "data.seq_len=32768",
-                                         "distill.pattern=0.25", "deepspeed=zero3_offload", f"output_dir={tmp_path}"])
+    cfg = compose_config("plan", ["model=deepseek_v32_shape", "plan.world_size=16", "data.seq_len=32768",
+                                  "distill.pattern=0.25", "deepspeed=zero3_offload", f"output_dir={tmp_path}"])
     plan = run_plan(cfg)
     written = json.loads((tmp_path / "plan.json").read_text())
     assert {"params_total", "params_trainable", "weights_gib_per_gpu", "optimizer_gib_per_gpu",

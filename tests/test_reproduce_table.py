@@ -3,6 +3,7 @@ losses, recalls in [0, 1], the all-F row shared by every ratio, and the report f
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def run_script(tmp_path, *args, seed=0):
         [sys.executable, str(SCRIPT), "--model", str(model_dir), "--out", str(out), *args, "--seq-len", "64",
          "--eval-batches", "1", "--calib-batches", "1", "--batch-size", "2", "--max-train-records", "20",
          "--device", "cpu"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's package, installed or not
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(Path(f"{out}.json").read_text()), Path(f"{out}.md").read_text()
 

@@ -62,6 +62,16 @@ def test_logits_and_topk_equal_the_native_forward(model_type, input_ids, pattern
     assert all(same_sets(topk[layer], native_topk[layer]) for layer in topk)
 
 
+def test_the_mlp_in_blocks_gives_the_same_forward(model_type, input_ids, monkeypatch):
+    import indexcache_train.sparse_forward as sparse_forward
+
+    model = use_sparse_forward(build_tiny(model_type))
+    whole, _ = forward(model, input_ids)
+    monkeypatch.setattr(sparse_forward, "MLP_CHUNK_ROWS", 16)  # 40 tokens: blocks of 16, 16 and 8
+    blocks, _ = forward(model, input_ids)
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_switching_back_and_patterns_keep_the_state(model_type, input_ids):
     model = build_tiny(model_type)
     keys = set(model.state_dict())
@@ -185,8 +195,10 @@ def test_gpu_bf16_forward_and_step_match_the_native_path():
     (native_error, native_topk, native_loss_error), (error, topk, loss_error) = results
     assert error <= 1.5 * native_error + 1e-3, (error, native_error)
     assert loss_error <= 1.5 * native_loss_error + 1e-2, (loss_error, native_loss_error)
-    for layer in topk:
-        assert overlap(topk[layer], native_topk[layer]) >= 0.99, layer
+    # Layer 0 selects from the same embeddings on both paths; later F layers from residual streams that the
+    # two bf16 paths round differently, which moves keys near the k-th score across the boundary.
+    assert overlap(topk[0], native_topk[0]) >= 0.999
+    assert all(overlap(topk[layer], native_topk[layer]) >= 0.95 for layer in topk)
 
 
 def overlap(ours: torch.Tensor, native: torch.Tensor) -> float:

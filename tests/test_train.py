@@ -8,19 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from indexcache_train import distill, train
+from indexcache_train.config import compose_config
 from indexcache_train.modeling import byte_tokenizer
-
-CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def smoke_config(output_dir, *overrides):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return compose("train", overrides=["experiment=smoke", f"output_dir={output_dir}", *overrides])
+    return compose_config("train", ["experiment=smoke", f"output_dir={output_dir}", *overrides])
 
 
 def read_metrics(output_dir):
@@ -118,3 +115,59 @@ def test_two_rank_deepspeed(tmp_path, zero_stage):
     assert {"latest", "step1", "step2"} <= {p.name for p in (tmp_path / "checkpoints").iterdir()}
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     assert exported.config.index_topk_pattern == "FSFS"
+
+
+def test_a_base_without_tokenizer_trains_on_input_ids(tmp_path):
+    """Records of ready `input_ids` need no tokenizer; text does, and then the error says where it looked."""
+    from conftest import build_tiny
+
+    base = tmp_path / "base"
+    build_tiny("glm_moe_dsa", initializer_range=0.2).save_pretrained(base)  # weights and config, no tokenizer
+    ids = tmp_path / "ids.jsonl"
+    generator = torch.Generator().manual_seed(0)
+    ids.write_text("".join(json.dumps({"input_ids": torch.randint(0, 257, (300,), generator=generator).tolist()})
+                           + "\n" for _ in range(8)))
+    summary = train.train(smoke_config(tmp_path / "run", f"model.name_or_path={base}", "data=files",
+                                       f"data.files=[{ids}]", "data.seq_len=64", "trainer.max_steps=1",
+                                       "trainer.eval_batches=1"))
+    assert summary["after"]["lm_loss"] > 0 and (tmp_path / "run/export/config.json").is_file()
+
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "def f(x):\n    return x\n" * 50}) + "\n")
+    with pytest.raises(ValueError, match=rf"needs a tokenizer, but none could be loaded from {base}.*input_ids"):
+        train.train(smoke_config(tmp_path / "text_run", f"model.name_or_path={base}", "data=files",
+                                 f"data.files=[{text}]", "data.seq_len=64"))
+
+
+def test_a_killed_run_resumes_with_one_row_per_step_and_the_same_wandb_run(tmp_path, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = ["trainer.save_every=2", "export=false", "trainer.eval_batches=0", "logger.mode=offline"]
+    train.train(smoke_config(straight, *common, "logger.mode=disabled"))
+
+    calls = []
+    forward = distill.IndexerDistillation.forward
+
+    def killed_at_step_4(self, input_ids):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # a kill after step 3 was logged; the last checkpoint is step 2
+        return forward(self, input_ids)
+
+    monkeypatch.setattr(distill.IndexerDistillation, "forward", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(smoke_config(killed, *common))
+    monkeypatch.setattr(distill.IndexerDistillation, "forward", forward)
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2, 3]
+    run_id = (killed / "wandb_run_id").read_text()
+
+    train.train(smoke_config(killed, *common))  # the smoke preset resumes (resume=auto)
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(straight)]
+    assert (killed / "wandb_run_id").read_text() == run_id
+    assert {p.name.rsplit("-", 1)[-1] for p in (killed / "wandb").glob("offline-run-*")} == {run_id}
+
+
+def test_checkpoint_rng_state_is_not_a_pickle(tmp_path):
+    train.train(smoke_config(tmp_path, "trainer.max_steps=1", "export=false", "trainer.eval_batches=0"))
+    step = tmp_path / "checkpoints" / "step1"
+    assert (step / "rng_rank0.safetensors").is_file() and not list(step.glob("rng_*.pt"))

@@ -55,8 +55,8 @@ def test_two_rank_zero3_loads_partitioned_and_matches_one_rank(tmp_path, base):
     assert model_bytes > 250e6
     # One rank, the global batch of two in one micro-batch; two ZeRO-3 ranks, one sequence each (the loader
     # gives rank r positions r, r + 2, ... of the same order), so both see the same batches.
-    single, whole = run(tmp_path, base, "single", 1, "deepspeed=zero0", "trainer.micro_batch_size=2")
-    sharded, reports = run(tmp_path, base, "zero3", 2, "deepspeed=zero3", "trainer.micro_batch_size=1",
+    single, whole = run(tmp_path, base, "single", 1, "deepspeed=zero0", "data.batch_size=2")
+    sharded, reports = run(tmp_path, base, "zero3", 2, "deepspeed=zero3", "data.batch_size=1",
                            "+deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0")
 
     growth = lambda report: report["rss_after_load"] - report["rss_before"]  # noqa: E731

@@ -93,7 +93,12 @@ def _check_teacher(index_q, teacher_q, teacher_k, num_keys: int | None = None) -
 
 
 def check_topk_indices(topk_indices: torch.Tensor, batch: int, seq_len: int) -> None:
-    """Sparse supports: [B, L, k] integers, -1 for an empty slot, else 0 <= s <= t."""
+    """Sparse supports: [B, L, k] integers, -1 for an empty slot, else 0 <= s <= t, each key at most once.
+
+    A row's top-k is a set, as in the reference and in Megatron-LM's loss. The kernels sum over the slots, so a
+    repeated key would count twice in the loss and its gradients; such a row is rejected rather than silently
+    weighted (mark the repeats -1 instead).
+    """
     if topk_indices.dtype not in (torch.int32, torch.int64) or topk_indices.dim() != 3:
         raise ValueError(f"topk_indices must be an int32/int64 [B, L, k] tensor; got {topk_indices.dtype} "
                          f"{tuple(topk_indices.shape)}.")
@@ -106,6 +111,14 @@ def check_topk_indices(topk_indices: torch.Tensor, batch: int, seq_len: int) -> 
         raise ValueError(
             f"topk_indices[{b}, {t}, {j}] = {int(topk_indices[b, t, j])} is outside [-1, {t}]: query t may only "
             "select keys s <= t, and -1 marks an empty slot."
+        )
+    ordered = topk_indices.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    if repeated.any():
+        b, t, j = (int(i) for i in repeated.nonzero()[0])
+        raise ValueError(
+            f"topk_indices[{b}, {t}] selects key {int(ordered[b, t, j])} more than once: a top-k is a set of keys, "
+            "and a repeat would count twice in the loss. Mark the repeated slots -1."
         )
 
 

@@ -18,11 +18,32 @@ The sum runs over slots: a key listed twice counts twice (an indexer's top-k nev
 Triton path: one program per (query row, block of BH heads). The row's query block stays resident; the kernel
 walks the slots in blocks of BK, gathers the BK selected kv rows ONCE for all BH heads, scores them with
 tl.dot (the value part [BH, DV] x [DV, BK] plus the rope tail [BH, DR] x [DR, BK], so both tiles are powers of
-two), keeps a base-2 online softmax in fp32 (log2(e) folded into the scale) and accumulates
+two; with SPLIT, inside a branch, so that the two warpgroups split the slots instead of both computing the whole
+tile, see the kernel), keeps a base-2 online softmax in fp32 (log2(e) folded into the scale) and accumulates
 acc[BH, DV] += p.to(bf16) @ kv[:, :DV] in fp32. Only the blocks between the first and the last valid slot are
 visited: a branch inside the loop would stop Triton's software pipelining, and the masked loads of an
 all-invalid block in between move no memory. Under TRITON_INTERPRET=1 (CPU) every load is cast to fp32,
-since the interpreter's bf16 dot is wrong. The torch path gathers the selected keys for chunks of query rows
+since the interpreter's bf16 dot is wrong.
+
+H200 (bf16, H = 128, D = 512 + 64, value_dim = 512, K = 2048, B = 1; TFLOP/s counted as 2*H*K*(D + value_dim)
+per row; do_bench median of one call on the representative block of L = 64K: 8192 query rows at query_start =
+57344 against T = 65536 keys, random distinct causal selections with ~10% -1; a bf16 8192^3 matmul: 734):
+    variant (BK, warps, stages)                                           TFLOP/s
+    plain (64, 8, 2)  [previous default]                                    183-184
+    plain (32, 8, 2) / (32, 8, 3)                                           167 / 169
+    SPLIT (64, 8, 1)  [chosen by the autotuner]                             192-193
+    SPLIT (32, 8, 2) / (32, 8, 3)                                           170 / 174-175
+    transposed scores S^T = kv @ q^T, BK = 128 (keys along M), (128, 8, 1)  174 (152 B spilled)
+    SPLIT (64, 16, 1) / transposed (128, 16, 1), 128 registers a thread      128 / 59 (spills)
+    same keys for every row (slots 0..K-1, L2-resident): SPLIT / plain      219 / 200
+Whole sequences in blocks of 8192 rows (autotuned): 219 at L = 16K, 203 at 64K, 194 at 200K (196 at 64K before).
+Not tried for lack of room: SPLIT with BK = 64 and 2 stages needs 248 KiB (the pipeliner stages the branch's
+scores through shared memory); tl.range(warp_specialize=True) leaves the loop unspecialised (it needs TMA
+loads, and Hopper has no TMA gather). With the keys L2-resident the kernel gains only ~14%, so it is bound by
+its own serial loop (gather, scores, softmax, layout exchange of p through shared memory, p @ V, one CTA per SM),
+not by the gathers' bandwidth; FlashMLA's producer warpgroup is what Triton does not give here.
+
+The torch path gathers the selected keys for chunks of query rows
 (never an [L, T] tensor), computes in fp32 and is differentiable; the Triton path has no backward.
 """
 
@@ -42,16 +63,19 @@ _TORCH_BUDGET_ELEMS = 1 << 23
 # Triton reads TRITON_INTERPRET when a kernel is defined; the autotuner runs only compiled (with more than one
 # config it fails under the interpreter).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Autotuned (BK, num_warps, num_stages) on a GPU, by the size of the [BH, DV] fp32 accumulator. A large one
-# (64 heads x 512) needs 8 warps for 128 registers per thread; BK = 64 x 576 bf16 is 72 KiB of shared memory
-# per stage beside the 72 KiB query block (sm_90 compile, 2 stages: 216 KiB, 255 registers, ~400 B spilled;
-# BK = 32: 144 KiB, ~130 B spilled). Triton lays a dot that feeds another dot out with every warp along M, so
-# both warpgroups compute the whole [64, BK] score tile (in n = BK/2 wgmma tiles) while each keeps half of the
-# accumulator's columns: the scores cost twice their FLOPs. A small accumulator (16 x 64) runs on 4 warps.
-GPU_CONFIGS_LARGE_ACC = ((64, 8, 2), (32, 8, 2), (64, 8, 3), (32, 8, 3))
-GPU_CONFIGS_SMALL_ACC = ((64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2))
-# Small tiles under the interpreter, so that the CPU tests walk several slot blocks.
-INTERPRET_CONFIG = (16, 4, 1)
+# Autotuned (BK, num_warps, num_stages, SPLIT) on a GPU, by the size of the [BH, DV] fp32 accumulator. A large
+# one (64 heads x 512) needs 8 warps for 128 registers per thread; BK = 64 x 576 bf16 is 72 KiB of shared memory
+# per stage beside the 72 KiB query block. SPLIT = 1 computes the scores with the warpgroups split over the slots
+# (see the kernel); under it Triton's pipeliner stages the scores through shared memory, so BK = 64 fits one
+# stage only (sm_90: 168 KiB, 44 B spilled) and BK = 32 two (160 KiB, no spill). SPLIT = 0 is the plain
+# formulation: Triton lays a dot that feeds another dot out with every warp along M, so both warpgroups compute
+# the whole [64, BK] score tile (BK = 64, 2 stages: 216 KiB, ~60 B spilled). Measured on an H200, see the
+# module doc. A small accumulator (16 x 64) runs on one warpgroup, where SPLIT changes nothing.
+GPU_CONFIGS_LARGE_ACC = ((64, 8, 1, 1), (32, 8, 3, 1), (64, 8, 2, 0))
+GPU_CONFIGS_SMALL_ACC = ((64, 4, 2, 0), (32, 4, 2, 0), (128, 4, 2, 0), (64, 8, 2, 0))
+# Small tiles under the interpreter, so that the CPU tests walk several slot blocks; SPLIT = 1 runs the GPU's
+# large-head formulation.
+INTERPRET_CONFIG = (16, 4, 1, 1)
 
 
 # --------------------------------------------------------------------------------------------- Triton ----
@@ -65,7 +89,7 @@ def _sparse_mla_fwd_kernel(
     s_o_b, s_o_l, s_o_h,
     s_lse_b, s_lse_l,
     DV: tl.constexpr, DR: tl.constexpr, BDV: tl.constexpr, BDR: tl.constexpr,
-    BH: tl.constexpr, BK: tl.constexpr, IDX64: tl.constexpr, CAST_FP32: tl.constexpr,
+    BH: tl.constexpr, BK: tl.constexpr, IDX64: tl.constexpr, CAST_FP32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Head blocks of one row are neighbours in launch order, so the second one finds the row's kv in L2.
     pid = tl.program_id(0).to(tl.int64)
@@ -115,13 +139,29 @@ def _sparse_mla_fwd_kernel(
         kvv = tl.load(kv_rows + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
         if CAST_FP32:
             kvv = kvv.to(tl.float32)
-        z = tl.dot(qv, tl.trans(kvv), input_precision="ieee")
         if DR > 0:
             kvr = tl.load(kv_rows + DV + offs_r[None, :], mask=valid[:, None] & (offs_r[None, :] < DR), other=0.0)
             if CAST_FP32:
                 kvr = kvr.to(tl.float32)
-            z = tl.dot(qr, tl.trans(kvr), z, input_precision="ieee")
-        z = tl.where(valid[None, :], z * scale_log2, float("-inf"))
+        if SPLIT:
+            # The scores are computed inside an scf.if (K > 0 always holds here): Triton's layout choice for a
+            # dot looks for another dot in the SSA uses of its result and does not follow them out of a region,
+            # so it no longer sees p @ V downstream and splits the warps over the slots ([4, 2]) instead of
+            # stacking them all along the BH = 64 heads, where both warpgroups compute the whole tile. The two
+            # parts are scaled apart so that the rope dot does not become the other's accumulator (which would
+            # put that one back in the chain).
+            if K > 0:
+                z = tl.dot(qv, tl.trans(kvv), input_precision="ieee") * scale_log2
+                if DR > 0:
+                    z += tl.dot(qr, tl.trans(kvr), input_precision="ieee") * scale_log2
+                z = tl.where(valid[None, :], z, float("-inf"))
+            else:
+                z = tl.zeros((BH, BK), dtype=tl.float32)
+        else:
+            z = tl.dot(qv, tl.trans(kvv), input_precision="ieee")
+            if DR > 0:
+                z = tl.dot(qr, tl.trans(kvr), z, input_precision="ieee")
+            z = tl.where(valid[None, :], z * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(z - m_new[:, None])
@@ -140,14 +180,14 @@ def _sparse_mla_fwd_kernel(
 def _prune_configs(configs, named_args, **meta):
     large = meta["BH"] * meta["BDV"] > 64 * 128
     wanted = GPU_CONFIGS_LARGE_ACC if large else GPU_CONFIGS_SMALL_ACC
-    return [c for c in configs if (c.kwargs["BK"], c.num_warps, c.num_stages) in wanted]
+    return [c for c in configs if (c.kwargs["BK"], c.num_warps, c.num_stages, c.kwargs["SPLIT"]) in wanted]
 
 
 # On a GPU the slot block, warps and stages are autotuned per shape (and dtype): the first call of each shape
 # compiles and times its configs.
 _autotuned_kernel = None if _INTERPRET else triton.autotune(
-    configs=[triton.Config({"BK": bk}, num_warps=w, num_stages=s)
-             for bk, w, s in dict.fromkeys(GPU_CONFIGS_LARGE_ACC + GPU_CONFIGS_SMALL_ACC)],
+    configs=[triton.Config({"BK": bk, "SPLIT": split}, num_warps=w, num_stages=s)
+             for bk, w, s, split in dict.fromkeys(GPU_CONFIGS_LARGE_ACC + GPU_CONFIGS_SMALL_ACC)],
     key=["H", "K", "DV", "DR"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_sparse_mla_fwd_kernel)
@@ -156,7 +196,7 @@ _autotuned_kernel = None if _INTERPRET else triton.autotune(
 def _sparse_mla_triton(q, kv, indices, scale, value_dim, query_start=0, *, out=None, lse=None, config=None):
     """Launch the kernel; fills and returns (out [B, L, H, value_dim] in q.dtype, lse [B, L, H] fp32).
     `out` / `lse` may be preallocated (any strides with a contiguous last dim). `config` = (BK, num_warps,
-    num_stages) skips the autotuner; CPU tensors (interpreter) use INTERPRET_CONFIG unless given one."""
+    num_stages, SPLIT) skips the autotuner; CPU tensors (interpreter) use INTERPRET_CONFIG unless given one."""
     B, L, H, D = q.shape
     T, K = kv.shape[1], indices.shape[-1]
     q, kv = _lastdim_contiguous(q), _lastdim_contiguous(kv)
@@ -178,8 +218,8 @@ def _sparse_mla_triton(q, kv, indices, scale, value_dim, query_start=0, *, out=N
     if config is None:
         _autotuned_kernel[grid](*args, **meta)
     else:
-        bk, warps, stages = config
-        _sparse_mla_fwd_kernel[grid](*args, **meta, BK=bk, num_warps=warps, num_stages=stages)
+        bk, warps, stages, split = config
+        _sparse_mla_fwd_kernel[grid](*args, **meta, BK=bk, SPLIT=split, num_warps=warps, num_stages=stages)
     return out, lse
 
 

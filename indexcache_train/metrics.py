@@ -1,0 +1,81 @@
+"""What sharing a top-k costs, measured: selection validity, index overlap, attention-mass recall, LM loss.
+
+Definitions, for a query row t of one sequence:
+- a top-k row holds key indices; a slot is **valid** when 0 <= s <= t (transformers pads rows that have
+  fewer than k candidate keys with indices > t, the kernels with -1);
+- the **index overlap** of a layer's own selection O[t] with a shared selection S[t] is |O[t] ∩ S[t]| / |O[t]|;
+- the **attention-mass recall** of a selection S[t] for a layer with dense causal attention p[t] (head mean) is
+  sum_{s in S[t]} p[t, s]: the share of the layer's attention the selection keeps;
+- the **LM loss** is the mean next-token negative log-likelihood in nats per predicted token.
+
+The recall and the overlap are averaged only over rows with more than `index_topk` candidate keys: on the
+others every selection holds every key, and both would be 1 by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .capture import AttentionCall, attention_taps, dense_attention_probs
+
+
+def valid_selection(topk_indices: torch.Tensor) -> torch.Tensor:
+    """[B, L, k] bool: slots that hold a real key (transformers pads short rows with indices > t)."""
+    query = torch.arange(topk_indices.shape[1], device=topk_indices.device)[None, :, None]
+    return (topk_indices >= 0) & (topk_indices <= query)
+
+
+def selection_mask(topk_indices: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B, L, num_keys] bool: True at the keys a row selected."""
+    valid = valid_selection(topk_indices)
+    mask = torch.zeros(*topk_indices.shape[:2], num_keys + 1, dtype=torch.bool, device=topk_indices.device)
+    mask.scatter_(-1, torch.where(valid, topk_indices.long(), num_keys), True)
+    return mask[..., :num_keys]
+
+
+def index_overlap(own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """Per row [B, L]: the fraction of `own`'s valid selection that `shared` contains."""
+    in_shared = selection_mask(shared, own.shape[1]).gather(-1, own.long().clamp(0, own.shape[1] - 1))
+    valid = valid_selection(own)
+    return (in_shared & valid).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def attention_recall(probs: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+    """Per row [B, L]: the attention mass of `probs` [B, L, L] inside `selection` [B, L, k]."""
+    return (probs * selection_mask(selection, probs.shape[-1])).sum(-1)
+
+
+@torch.no_grad()
+def lm_loss(model, batches: Iterable[torch.Tensor], desc: str) -> float:
+    """Mean next-token loss per predicted token, so that a short last batch weighs no more than its tokens."""
+    total, tokens = 0.0, 0
+    for ids in tqdm(batches, desc=desc):
+        predicted = ids[:, 1:].numel()
+        total += model(input_ids=ids, labels=ids).loss.float().item() * predicted
+        tokens += predicted
+    if not tokens:
+        raise ValueError("No evaluation batch: the data is empty.")
+    return total / tokens
+
+
+@torch.no_grad()
+def layer_recalls(model, batches: Iterable[torch.Tensor]) -> list[float]:
+    """Per layer, on `model` as it runs (its current pattern): the attention-mass recall of the top-k the
+    layer attends to (its own on an F layer, its F layer's on an S layer), over rows with more candidate
+    keys than `index_topk`."""
+    topk, num_layers = model.config.index_topk, model.config.num_hidden_layers
+    sums = torch.zeros(num_layers, dtype=torch.float64)
+    rows = 0
+
+    def on_attention(call: AttentionCall) -> None:
+        recall = attention_recall(dense_attention_probs(call), call.topk_indices)[:, topk:]
+        sums[call.layer] += recall.sum().double().cpu()
+
+    with attention_taps(model, on_attention):
+        for ids in tqdm(batches, desc="attention-mass recall"):
+            model(input_ids=ids, use_cache=False)
+            rows += ids.shape[0] * (ids.shape[1] - topk)
+    return (sums / rows).tolist()
