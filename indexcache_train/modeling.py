@@ -169,9 +169,12 @@ def build_model(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
                           attn_implementation=cfg.attn_implementation, config=config, fp8=cfg.fp8)
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype)
-    # dtype at construction: under ZeRO-3 the parameters are partitions that a later .to() would not reach
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation),
-                                             **({} if dtype == "auto" else {"dtype": dtype}))
+    if zero3_enabled():  # built as partitions, which a later .to() would not reach: the dtype goes in first
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation),
+                                                 **({} if dtype == "auto" else {"dtype": dtype}))
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation))
+        model = model if dtype == "auto" else model.to(dtype)
     return _maybe_sparse(model, cfg.attn_implementation)
 
 

@@ -23,7 +23,9 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
                           the attention, so its output and log-sum-exp are still there)
                  sparse   b C H (a (c + r) + 4 c + a c) + a R H v + a R d, C = min(8192, L)
                           (absorbed query block, its fp32 nope fold, latent output, attention output, o_proj)
-  mlp          max(dense 3 a R I, routed 3 a R e I_e + a R e d + 3 a R I_e n_shared + 4 R E) + a R d
+  mlp          in blocks of M = b min(16384, L) tokens (the frozen forward's MLP blocks):
+               max(dense 3 a M I, routed 3 a M e I_e + a M e d + 3 a M I_e n_shared + 4 M E) + a M d + a R d
+               (gate/up and the activation, the routed tokens' copies, the block's input, the output)
   peak         stream + groups + max(attention, mlp)
 
 Calibration: `activation_scale` multiplies the activation terms and `reserve_gib` is set aside for the CUDA
@@ -43,7 +45,8 @@ GIB = 2**30
 H200_GIB = 139.8  # torch.cuda.get_device_properties(...).total_memory of an H200, in GiB
 PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
 LOGITS_BLOCK, P_BUFFER = 1 << 28, 1 << 26  # elements: the indexer top-k's and the sparse KL's fp32 blocks
-ATTENTION_ROWS, TEACHER_ROWS = 8192, 16384  # query rows per block: sparse attention, absorbed teacher in the KL
+# rows per block: sparse attention queries, absorbed teacher rows in the KL, MLP tokens of the frozen forward
+ATTENTION_ROWS, TEACHER_ROWS, MLP_ROWS = 8192, 16384, 16384
 
 
 @dataclass
@@ -179,14 +182,15 @@ def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_byt
     sparse = b * chunk * H * (a * (c + r) + 4 * c + a * c) + a * rows * H * v + a * rows * d
     attention = a * rows * (q + 2 * H * (n + r) + (c + r)) + max(indexer, kl, sparse)
     experts = getattr(config, "n_routed_experts", None) or 0
-    dense_mlp = 3 * a * rows * config.intermediate_size
+    block = b * min(MLP_ROWS, L)
+    dense_mlp = 3 * a * block * config.intermediate_size
     routed = 0
     if experts:
         per_token = config.num_experts_per_tok
-        routed = (3 * a * rows * per_token * config.moe_intermediate_size + a * rows * per_token * d
-                  + 3 * a * rows * config.moe_intermediate_size * (getattr(config, "n_shared_experts", 0) or 0)
-                  + 4 * rows * experts)
-    mlp = max(dense_mlp, routed) + a * rows * d
+        routed = (3 * a * block * per_token * config.moe_intermediate_size + a * block * per_token * d
+                  + 3 * a * block * config.moe_intermediate_size * (getattr(config, "n_shared_experts", 0) or 0)
+                  + 4 * block * experts)
+    mlp = max(dense_mlp, routed) + a * block * d + a * rows * d
     return {"stream": stream, "groups": groups, "attention": attention, "mlp": mlp,
             "attention.indexer": indexer, "attention.kl": kl, "attention.sparse": sparse}
 
