@@ -35,6 +35,7 @@ Every term is in `plan.json` under `terms_gib`, so a measured peak can be compar
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -97,7 +98,8 @@ def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, config=None
     zero_stage = cfg.deepspeed.zero_stage
     # Only the native route keeps FP8 weights in memory; ZeRO-3 and model.fp8=dequantize hold model.dtype.
     fp8_base = quant_method(config) == "fp8" and cfg.model.fp8 != "dequantize" and zero_stage != 3
-    return plan_memory(meta_model(config), world_size=world_size,
+    # A copy: building a model writes into its config (attention implementation, dtype), and the run loads with it
+    return plan_memory(meta_model(copy.deepcopy(config)), world_size=world_size,
                        seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.batch_size,
                        pattern=cfg.distill.pattern, zero_stage=zero_stage, offload_param=cfg.deepspeed.offload_param,
                        offload_optimizer=cfg.deepspeed.offload_optimizer, fp8_base=fp8_base, gpu_gib=gpu_gib,

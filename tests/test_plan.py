@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -92,3 +93,18 @@ def test_activation_estimate_is_close_to_the_measured_peak():
     ratio = planned / heap.peak
     print(f"planned {planned / 2**20:.0f} MiB, measured {heap.peak / 2**20:.0f} MiB, ratio {ratio:.3f}")
     assert 0.85 < ratio < 1.15
+
+
+def test_a_plan_that_does_not_fit_the_gpu_stops_the_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from indexcache_train.modeling import tiny_config
+    from indexcache_train.plan import check_run_plan
+
+    cfg = compose_config("train", ["experiment=smoke", "data.seq_len=4096"])
+    gpu = SimpleNamespace(total_memory=2**30)  # a 1 GiB GPU, with 2 GiB to keep free
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    with pytest.raises(RuntimeError, match="does not fit.*zero3_offload"):
+        check_run_plan(cfg, tiny_config(), world_size=1, device=torch.device("cuda"), dtype_bytes=2)
+    plan = check_run_plan(cfg, tiny_config(), world_size=1, device=torch.device("cpu"), dtype_bytes=4)
+    assert plan.fits is None and "no GPU" in plan.table()
