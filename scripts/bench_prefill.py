@@ -79,7 +79,12 @@ def main() -> None:
         row["indexer_share"] = indexer_seconds(model, prefill) / row["all F"]["seconds"]
         rows.append(row)
         print(row, flush=True)
+        markdown = table(rows, patterns)  # written after every length, so that a run cut short keeps them
+        write_results(args.out, "bench_prefill", rows, markdown, num_layers=NUM_LAYERS)
+    print(markdown)
 
+
+def table(rows: list[dict], patterns: dict) -> str:
     header = " | ".join(f"{name} ({patterns[name]})" for name in patterns)
     lines = [f"| L | {header} | " + " | ".join(f"speed-up {n}" for n in RATIOS) + " | indexer share, all F |",
              "|---|" + "---|" * (len(patterns) + len(RATIOS) + 1)]
@@ -87,9 +92,7 @@ def main() -> None:
         times = " | ".join(fmt_seconds(row[name]) for name in patterns)
         speedups = " | ".join(f"{row['all F']['seconds'] / row[n]['seconds']:.2f}x" for n in RATIOS)
         lines.append(f"| {row['length'] // 1024}K | {times} | {speedups} | {row['indexer_share']:.0%} |")
-    markdown = "\n".join(lines)
-    print(markdown)
-    write_results(args.out, "bench_prefill", rows, markdown, num_layers=NUM_LAYERS)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
