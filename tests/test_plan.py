@@ -4,6 +4,7 @@ import ctypes
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,17 @@ def test_a_plan_that_does_not_fit_the_gpu_stops_the_run(monkeypatch):
         check_run_plan(cfg, tiny_config(), world_size=1, device=torch.device("cuda"), dtype_bytes=2)
     plan = check_run_plan(cfg, tiny_config(), world_size=1, device=torch.device("cpu"), dtype_bytes=4)
     assert plan.fits is None and "no GPU" in plan.table()
+
+
+def test_plan_is_within_ten_percent_of_the_h200_step_peaks():
+    """The H200 measurements in docs/results (a 4-layer DeepSeek-V3.2-shaped GlmMoeDsa, batch 1, FSSS, one
+    sparse distillation step with its optimizer, `torch.cuda.max_memory_allocated`), against the plan."""
+    from indexcache_train.benchmarking import dsv32_shaped_config
+    from indexcache_train.plan import meta_model, plan_memory
+
+    measured = json.loads((Path(__file__).parents[1] / "docs/results/bench_long_context_h200.json").read_text())
+    model = meta_model(dsv32_shaped_config(max_position_embeddings=262144))
+    for row in measured["rows"]:
+        plan = plan_memory(model, world_size=1, seq_len=row["length"], micro_batch_size=1, pattern="FSSS",
+                           zero_stage=0)
+        assert plan.total_gib_per_gpu == pytest.approx(row["sparse_step"]["peak_gib"], rel=0.10)
