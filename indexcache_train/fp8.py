@@ -6,7 +6,8 @@
 - `native`: transformers' FineGrainedFP8 integration keeps the frozen base in FP8 (`FP8Linear`). Its kernels
   come from the `kernels` package (the hub kernel kernels-community/finegrained-fp8) and need a GPU of compute
   capability >= 8.9. The indexers are left out of the conversion (`modules_to_not_convert`), so the trained
-  ones are bf16 / fp32 tensors that transformers dequantises as they load. ZeRO stages 0-2 only: transformers
+  ones are bf16 / fp32 tensors that transformers dequantises as they load; so is `kv_b_proj`, whose weight
+  the absorbed teacher and the sparse attention read directly. ZeRO stages 0-2 only: transformers
   does not build a quantised model under `deepspeed.zero.Init`.
 - `dequantize`: every FP8 block becomes `model.dtype` as it loads, the documented route where the kernels are
   missing and the one ZeRO-3 takes: `FineGrainedFP8Config(dequantize=True)` on ZeRO 0-2, and on ZeRO-3 the
@@ -28,6 +29,8 @@ FP8_ROUTES = ("auto", "native", "dequantize")
 DEFAULT_BLOCK = (128, 128)
 # transformers matches modules_to_not_convert from the start of a module's name, as a regex up to a boundary
 INDEXER_MODULES = [r".*\.indexer"]
+# Loaded in bf16 as well: the absorbed teacher and the sparse attention read kv_b_proj's weight directly
+READ_DIRECTLY = [r".*\.kv_b_proj"]
 
 
 def quant_method(config) -> str | None:
@@ -109,6 +112,6 @@ def quantization_config(config, route: str):
     return FineGrainedFP8Config(
         activation_scheme=quant.get("activation_scheme", "dynamic"),
         weight_block_size=tuple(quant.get("weight_block_size") or DEFAULT_BLOCK),
-        modules_to_not_convert=keep + [m for m in INDEXER_MODULES if m not in keep],
+        modules_to_not_convert=keep + [m for m in INDEXER_MODULES + READ_DIRECTLY if m not in keep],
         dequantize=route == "dequantize",
     )

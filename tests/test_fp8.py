@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from indexcache_train import apply_indexcache
 from indexcache_train.export import export_indexcache, trained_indexer_state
-from indexcache_train.fp8 import resolve_route
+from indexcache_train.fp8 import quantization_config, resolve_route
 from indexcache_train.modeling import load_model
 from indexcache_train.zero import ZeroContext
 
@@ -65,6 +65,9 @@ def test_without_kernels_auto_names_what_to_install(fp8_base):
     with pytest.raises(ValueError, match="cannot partition"):
         resolve_route(config, "native", zero3=True)
     assert resolve_route(config, "auto", zero3=True) == "dequantize"
+    # The native route keeps the indexers (trained) and kv_b_proj (read by the teacher) out of FP8.
+    native = quantization_config(config, "native")
+    assert {r".*\.indexer", r".*\.kv_b_proj"} <= set(native.modules_to_not_convert) and not native.dequantize
 
 
 def test_zero3_dequantises_on_load_and_matches_transformers(fp8_base, monkeypatch):
