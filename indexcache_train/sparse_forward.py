@@ -40,7 +40,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from .adapters import ADAPTERS, get_adapter
 from .capture import TAPPING_IMPLEMENTATIONS, AttentionCall, run_taps
 from .kernels import indexer_topk, sparse_mla_attention
-from .teacher import absorbed_query, deepspeed_gathered
+from .runtime import zero3_gathered
+from .teacher import absorbed_query
 
 SPARSE_ATTENTION = "indexcache_sparse"
 # Query rows per absorbed block: bounds the [B, rows, H, kv_lora + rope] query and the latent output.
@@ -61,7 +62,7 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
     latent = key[:, 0]  # [B, T, kv_lora + rope]
     query_start = latent.shape[1] - seq_len  # > 0 when a cache holds earlier tokens
     weight = module.kv_b_proj.weight
-    with deepspeed_gathered(weight):  # expand_kv no longer runs kv_b_proj, so ZeRO-3 does not gather it for us
+    with zero3_gathered([weight]):  # expand_kv no longer runs kv_b_proj, so ZeRO-3 does not gather it for us
         w_v = weight.view(heads, nope + module.v_head_dim, lora)[:, nope:]  # [H, v, kv_lora]
         output = query.new_empty(batch, seq_len, heads, module.v_head_dim)
         lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=query.device)

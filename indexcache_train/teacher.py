@@ -14,11 +14,12 @@ so the expanded form stays the default there.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .runtime import zero3_gathered
 
 if TYPE_CHECKING:
     from .capture import AttentionCall
@@ -67,7 +68,7 @@ def absorbed_query(attention: nn.Module, query: torch.Tensor, rows: slice = slic
     heads = query.shape[1]
     weight = attention.kv_b_proj.weight
     # Under ZeRO-3 kv_b_proj's weight is partitioned outside its own forward; every rank gathers it here.
-    with deepspeed_gathered(weight):
+    with zero3_gathered([weight]):
         w_k = weight.view(heads, -1, lora)[:, :nope]  # [H, nope, kv_lora]
         q_latent = torch.einsum("bhtn,hnc->bhtc", query[:, :, rows, :nope], w_k.to(query.dtype))
     return torch.cat([q_latent, query[:, :, rows, nope:]], dim=-1)
@@ -78,21 +79,8 @@ def expanded_key(attention: nn.Module, latent_key: torch.Tensor) -> torch.Tensor
     [B, 1, T, kv_lora + rope] of the sparse forward."""
     nope, lora, heads = attention.qk_nope_head_dim, attention.kv_lora_rank, attention.num_heads
     weight = attention.kv_b_proj.weight
-    with deepspeed_gathered(weight):
+    with zero3_gathered([weight]):
         w_k = weight.view(heads, -1, lora)[:, :nope]
         k_nope = torch.einsum("btc,hnc->bhtn", latent_key[:, 0, :, :lora], w_k.to(latent_key.dtype))
     k_rope = latent_key[:, :, :, lora:].expand(-1, heads, -1, -1)
     return torch.cat([k_nope, k_rope], dim=-1)
-
-
-def deepspeed_gathered(param: nn.Parameter):
-    """A ZeRO-3 partitioned parameter gathered (read-only) on every rank; a no-op for an ordinary one, or
-    for one ZeRO-3 already holds whole (small persistent parameters, or one its module still uses)."""
-    if not hasattr(param, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if param.ds_status == ZeroParamStatus.AVAILABLE:
-        return contextlib.nullcontext()
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)

@@ -82,7 +82,8 @@ def bench_selection(length: int, repeats: int) -> dict:
 
     result = {"logits": timed(logits_only, repeats=repeats),
               "topk": timed(lambda: indexer_topk(q, k, w, TOPK), repeats=repeats)}
-    result["logits_tflops"] = indexer_logits_flops(1, length, INDEX_HEADS, INDEX_DIM) / result["logits"]["seconds"] / 1e12
+    flops = indexer_logits_flops(1, length, INDEX_HEADS, INDEX_DIM)
+    result["logits_tflops"] = flops / result["logits"]["seconds"] / 1e12
 
     def native_block():  # transformers' scoring of the last 1024 query rows: [B, C, Hi, L] fp32 scores
         rows = slice(length - 1024, length)

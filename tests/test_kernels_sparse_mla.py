@@ -96,6 +96,19 @@ def test_matches_reference(path, case):
     assert_matches(out, lse, ref_out, ref_lse, 1e-4)
 
 
+@pytest.mark.parametrize("ratio", [0, 1000])  # gather the selected keys / score every key and gather scores
+@pytest.mark.parametrize("case", ["small_B2", "two_head_blocks_mid", "K_gt_T_mid"])
+def test_both_torch_formulations_match_the_reference(case, ratio, monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("indexcache_train.kernels.sparse_mla"), "_DENSE_SCORING_RATIO", ratio)
+    B, L, T, H, D, value_dim, K, query_start = CASES[case]
+    q, kv, idx, scale = make_inputs(B, L, T, H, D, K, query_start=query_start, seed=7)
+    ref_out, ref_lse = sparse_mla_attention_reference(q.double(), kv.double(), idx, scale, value_dim, query_start)
+    out, lse = run("torch", q, kv, idx, scale, value_dim, query_start)
+    assert_matches(out, lse, ref_out, ref_lse, 1e-4)
+
+
 def _selection_with_empty_rows():
     B, L, T, H, D, value_dim, K = 2, 7, 7, 5, 24, 16, 9
     q, kv, idx, scale = make_inputs(B, L, T, H, D, K, seed=3)

@@ -600,16 +600,16 @@ def dense_kl_accumulate_torch(index_q, index_k, index_weights, teacher_q, teache
         q_i = index_q[:, t0:t1].to(dtype)                                                    # [B, C, Hi, Di]
         w = index_weights[:, t0:t1].to(dtype)                                                # [B, C, Hi]
         k_i = ik_all[:, :t1]                                                                 # [B, t1, Di]
-        a = torch.einsum("bchd,bsd->bchs", q_i, k_i)
-        logits = torch.einsum("bch,bchs->bcs", w, a.relu()).masked_fill(~causal, float("-inf"))
+        relu_a = torch.einsum("bchd,bsd->bchs", q_i, k_i).clamp_min_(0)  # the largest tensor: one, in place
+        logits = torch.einsum("bch,bchs->bcs", w, relu_a).masked_fill(~causal, float("-inf"))
         log_q = torch.log_softmax(logits, dim=-1)
         inside = p > 0
         kl = torch.where(inside, p * (p.clamp_min(torch.finfo(dtype).tiny).log() - log_q.masked_fill(~inside, 0)),
                          0.0)
         total += kl.sum().double()
         d_i = (log_q.exp() - p).masked_fill(~causal, 0.0)                                   # [B, C, t1]
-        d_index_weights[:, t0:t1] += grad_scale * torch.einsum("bcs,bchs->bch", d_i, a.relu()).float()
-        ds = d_i[:, :, None, :] * w[..., None] * (a > 0)                                    # [B, C, Hi, t1]
+        d_index_weights[:, t0:t1] += grad_scale * torch.einsum("bcs,bchs->bch", d_i, relu_a).float()
+        ds = (d_i[:, :, None, :] * w[..., None]).masked_fill_(relu_a == 0, 0.0)             # [B, C, Hi, t1]
         d_index_q[:, t0:t1] += grad_scale * torch.einsum("bchs,bsd->bchd", ds, k_i).float()
         d_index_k[:, :t1] += grad_scale * torch.einsum("bchs,bchd->bsd", ds, q_i).float()
     return total.float()

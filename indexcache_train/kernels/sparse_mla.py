@@ -60,6 +60,8 @@ LOG2E = 1.4426950408889634
 
 # Elements per intermediate tensor of the torch path (a chunk's gathered keys).
 _TORCH_BUDGET_ELEMS = 1 << 23
+# The torch path scores every key instead of gathering the selected ones when T <= this many times K.
+_DENSE_SCORING_RATIO = 16
 # Triton reads TRITON_INTERPRET when a kernel is defined; the autotuner runs only compiled (with more than one
 # config it fails under the interpreter).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -225,29 +227,39 @@ def _sparse_mla_triton(q, kv, indices, scale, value_dim, query_start=0, *, out=N
 
 # ---------------------------------------------------------------------------------------------- torch ----
 def _sparse_mla_torch(q, kv, indices, scale, value_dim, query_start=0):
-    """Chunks of query rows, one gather of the selected keys per chunk; differentiable. Computes in (at least)
-    fp32; returns (out in q.dtype, lse fp32)."""
+    """Chunks of query rows, softmax over each row's selected slots; differentiable. Computes in (at least)
+    fp32; returns (out in q.dtype, lse fp32). When the selection is a large share of the keys (T <=
+    `_DENSE_SCORING_RATIO` K: short sequences, as on a CPU) the products run as two matrix products over all
+    keys, with the scores gathered to the slots and the probabilities scattered back, which beats gathering K
+    keys per query; otherwise each row's selected keys are gathered once for all heads."""
     B, L, H, D = q.shape
     T, K = kv.shape[1], indices.shape[-1]
+    dense = T <= _DENSE_SCORING_RATIO * K
     cdt = torch.promote_types(q.dtype, torch.float32)
-    kv_flat = kv.to(cdt).reshape(B * T, D)
-    rows = B * L
-    chunk = max(1, _TORCH_BUDGET_ELEMS // (K * max(D, H)))
+    kv = kv.to(cdt)
+    rows = max(1, _TORCH_BUDGET_ELEMS // (H * T if dense else K * max(D, H)))
     outs, lses = [], []
-    for r0 in range(0, rows, chunk):
-        r = torch.arange(r0, min(rows, r0 + chunk), device=q.device)
-        bv, tv = r // L, r % L
-        idx = indices[bv, tv].long()  # [n, K]
-        limit = (query_start + tv).clamp_max(T - 1)
-        valid = (idx >= 0) & (idx <= limit[:, None])
-        flat = bv[:, None] * T + torch.where(valid, idx, 0)
-        keys = kv_flat.index_select(0, flat.reshape(-1)).view(len(r), K, D)  # [n, K, D]
-        z = torch.matmul(q[bv, tv].to(cdt), keys.transpose(1, 2)) * scale  # [n, H, K]
-        z = z.masked_fill(~valid[:, None, :], float("-inf"))
-        lse = torch.logsumexp(z, dim=-1)  # -inf for a row with no valid slot
-        p = torch.exp(z - lse.clamp_min(torch.finfo(cdt).min)[..., None])  # 0 (not NaN) in such a row
-        outs.append(torch.matmul(p, keys[..., :value_dim]))
-        lses.append(lse)
+    for b in range(B):
+        for t0 in range(0, L, rows):
+            t = torch.arange(t0, min(L, t0 + rows), device=q.device)
+            idx = indices[b, t].long()  # [n, K]
+            valid = (idx >= 0) & (idx <= (query_start + t).clamp_max(T - 1)[:, None])
+            slots = torch.where(valid, idx, 0)[:, None, :].expand(-1, H, -1)  # [n, H, K]
+            query = q[b, t].to(cdt)  # [n, H, D]
+            if dense:
+                z = torch.matmul(query, kv[b].T).gather(-1, slots) * scale
+            else:
+                keys = kv[b].index_select(0, slots[:, 0].reshape(-1)).view(len(t), K, D)  # [n, K, D]
+                z = torch.matmul(query, keys.transpose(1, 2)) * scale
+            z = z.masked_fill(~valid[:, None, :], float("-inf"))
+            lse = torch.logsumexp(z, dim=-1)  # -inf for a row with no valid slot
+            p = torch.exp(z - lse.clamp_min(torch.finfo(cdt).min)[..., None])  # 0 (not NaN) in such a row
+            if dense:  # a repeated slot adds into its key, as the gather does
+                spread = p.new_zeros(len(t), H, T).scatter_add_(-1, slots, p)
+                outs.append(torch.matmul(spread, kv[b, :, :value_dim]))
+            else:
+                outs.append(torch.matmul(p, keys[..., :value_dim]))
+            lses.append(lse)
     out = torch.cat(outs).view(B, L, H, value_dim).to(q.dtype)
     return out, torch.cat(lses).view(B, L, H).float()
 
