@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .fp8 import block_size, dequantize_block_fp8, is_block_fp8, quant_method
+from .runtime import zero3_gathered
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 _LAYER_KEY = re.compile(r"^(.*?\.layers\.\d+)\.")
@@ -224,15 +225,11 @@ def gathered_forward(model: nn.Module) -> Iterator[None]:
     if not is_partitioned(model):
         yield
         return
-    import deepspeed
-
     handles, open_gathers = [], {}
 
     def gather(module, args):
-        params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
-        if params:
-            open_gathers[id(module)] = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-            open_gathers[id(module)].__enter__()
+        open_gathers[id(module)] = zero3_gathered(module.parameters(recurse=False))
+        open_gathers[id(module)].__enter__()
 
     def release(module, args, output):
         gathered = open_gathers.pop(id(module), None)
