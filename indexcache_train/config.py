@@ -23,6 +23,8 @@ from omegaconf.errors import ConfigKeyError
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 # The package's own small pretrained DSA model (scripts/pretrain_tiny.py); configs name it `${embedded_model:}`.
 EMBEDDED_MODEL_DIR = str(Path(__file__).resolve().parent / "embedded_model")
+# Published models' config.json shapes (a folder each), for the memory planner: `${model_shape:glm5}`.
+MODEL_SHAPES_DIR = Path(CONFIG_DIR) / "model_shapes"
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ModelConfig:
     attn_implementation: str = "indexcache_sparse"
     random_init: dict[str, Any] | None = None  # without name_or_path: a tiny config for smoke runs
     seed: int = 0
+    fp8: str = "auto"  # an FP8 base: auto | native (transformers' FP8 kernels) | dequantize (fp8.py)
 
 
 @dataclass
@@ -84,12 +87,17 @@ class TrainerConfig:
     save_every: int = 200  # optimizer steps; a run that ends always saves
     eval_batches: int = 4  # validation batches for the before/after table; 0 skips it
     device: str = "auto"
+    gpu_memory_fraction: float | None = None  # caps this process's CUDA memory (a smaller GPU, for offload runs)
+    check_plan: bool = True  # print the memory plan at start; stop when it does not fit the GPU
 
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0
     bf16: Any = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload_param: str = "none"  # none | cpu | nvme (ZeRO-3)
+    offload_optimizer: str = "none"  # none | cpu | nvme (ZeRO 1-3)
+    nvme_path: str | None = None  # a local NVMe folder, for either offload to nvme
     config: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed config
 
 
@@ -101,6 +109,14 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanSettings:
+    world_size: int = 1
+    gpu_memory_gib: float | None = None  # None: the visible GPU's, times trainer.gpu_memory_fraction
+    activation_scale: float = 1.14  # calibration: multiplies the activation terms (plan.ACTIVATION_SCALE)
+    reserve_gib: float = 2.0  # CUDA context, NCCL buffers and allocator slack, kept free
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,10 +124,22 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    plan: PlanSettings = field(default_factory=PlanSettings)  # the start-of-run memory plan (world_size unused)
     seed: int = 0  # one seed for the run: random init, data order and every RNG (train.yaml passes it on)
     output_dir: str = "outputs/train"
     resume: str | None = None  # auto: continue from the latest checkpoint in output_dir, if any; or a path
     export: bool = True  # write ${output_dir}/export at the end
+
+
+@dataclass
+class PlanConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    output_dir: str = "outputs/plan"
 
 
 @dataclass
@@ -143,14 +171,17 @@ class AnalyzeConfig:
 
 
 # Each CLI's primary config (a YAML under configs/) and its schema.
-SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "search": SearchConfig, "analyze": AnalyzeConfig}
+SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, "search": SearchConfig, "analyze": AnalyzeConfig,
+           "plan": PlanConfig}
 _GROUPS = {"model": ModelConfig, "data": DataConfig, "distill": DistillConfig, "trainer": TrainerConfig,
            "deepspeed": DeepSpeedConfig, "logger": LoggerConfig}
 
 
 def register_configs() -> None:
-    """Put every schema in Hydra's ConfigStore and the `${embedded_model:}` resolver in OmegaConf."""
+    """Put every schema in Hydra's ConfigStore and the `${embedded_model:}` / `${model_shape:NAME}` resolvers in
+    OmegaConf."""
     OmegaConf.register_new_resolver("embedded_model", lambda: EMBEDDED_MODEL_DIR, replace=True)
+    OmegaConf.register_new_resolver("model_shape", lambda name: str(MODEL_SHAPES_DIR / name), replace=True)
     store = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         store.store(name=f"{name}_schema", node=node)
@@ -171,7 +202,7 @@ def check_known_keys(cfg: DictConfig, name: str) -> None:
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The config CLI `name` ("train", "eval", "search" or "analyze") would run with `overrides`."""
+    """The config CLI `name` ("train", "eval", "search", "analyze" or "plan") would run with `overrides`."""
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose(name, overrides=list(overrides))

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import fnmatch
 import json
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import apply_indexcache, current_pattern, get_adapter
 from .config import ModelConfig
+from .fp8 import export_quantization, is_block_fp8
 from .modeling import build_model_and_tokenizer, resolve_dtype
 from .runtime import rank, zero3_gathered
 from .pattern import IndexCachePattern
@@ -96,7 +98,7 @@ def export_indexcache(model: nn.Module, output_dir: str | os.PathLike, *, base_p
                     _copy_base_shards(base_path, base_weights, staging, trained, dropped)
                 if base_path is not None:
                     _copy_base_files(base_path, staging)
-                _save_config(model.config, pattern, staging)
+                _save_config(model.config, pattern, staging, base_path)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(staging)
                 (staging / "README.md").write_text(render_model_card(pattern, adapter.architecture, model_card))
@@ -151,14 +153,24 @@ def _copy_base_shards(base_path: Path, weight_map: dict[str, str], staging: Path
     if unmatched:
         raise ValueError(f"The base at {base_path} has no tensor named {unmatched[:3]}: the trained F-layer indexer "
                          "tensors must replace base tensors of the same name.")
+    # A trained tensor whose base is FP8 is written in bf16, so its block scales go (fp8.export_quantization
+    # keeps the indexers out of the FP8 conversion when transformers loads the export).
+    stale_scales = {f"{key}_scale_inv" for key in trained if f"{key}_scale_inv" in weight_map}
     new_map: dict[str, str] = {}
     total_size = 0
+    touched = {key for key in weight_map if key in trained or key in stale_scales or key.startswith(dropped)}
     for shard in sorted(set(weight_map.values())):
+        keys = [key for key, file in weight_map.items() if file == shard]
+        if not touched.intersection(keys):  # nothing to rewrite: the base's bytes, FP8 or not, unchanged
+            shutil.copyfile(base_path / shard, staging / shard)
+            new_map.update(dict.fromkeys(keys, shard))
+            total_size += _nbytes(base_path / shard)
+            continue
         tensors = {}
         with safe_open(base_path / shard, framework="pt") as f:
             metadata = f.metadata() or {"format": "pt"}
             for key in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                if key.startswith(dropped):
+                if key.startswith(dropped) or key in stale_scales:
                     continue
                 tensor = f.get_tensor(key)
                 tensors[key] = _like_base(key, trained[key], tensor) if key in trained else tensor
@@ -174,13 +186,20 @@ def _copy_base_shards(base_path: Path, weight_map: dict[str, str], staging: Path
         (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _nbytes(shard: Path) -> int:
+    """The tensor bytes of a safetensors file, read from its header."""
+    from transformers.modeling_utils import str_to_torch_dtype
+
+    with safe_open(shard, framework="pt") as f:
+        pieces = [f.get_slice(key) for key in f.keys()]  # noqa: SIM118 (a safetensors handle is not a dict)
+        return sum(math.prod(p.get_shape()) * str_to_torch_dtype[p.get_dtype()].itemsize for p in pieces)
+
+
 def _like_base(key: str, trained: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     if trained.shape != base.shape:
         raise ValueError(f"{key} has shape {tuple(trained.shape)} in the model but {tuple(base.shape)} in the base.")
-    if base.dtype.is_floating_point and base.element_size() == 1:
-        # An fp8 tensor comes with block scales that a plain cast would not update.
-        raise ValueError(f"{key} is stored as {base.dtype} in the base: re-quantizing trained indexer weights is "
-                         "not supported; export onto a bf16 copy of the base.")
+    if is_block_fp8(base):  # the trained indexers stay out of FP8
+        return trained.to(torch.bfloat16).contiguous()
     return trained.to(base.dtype).contiguous()
 
 
@@ -191,10 +210,16 @@ def _copy_base_files(base_path: Path, staging: Path) -> None:
             shutil.copy2(file, staging / file.name)
 
 
-def _save_config(config, pattern: IndexCachePattern, staging: Path) -> None:
+def _save_config(config, pattern: IndexCachePattern, staging: Path, base_path: Path | None = None) -> None:
     config = copy.deepcopy(config)
     keys = pattern.to_config_dict()
     config.update(keys)
+    base_config = base_path / "config.json" if base_path is not None else None
+    if base_config is not None and base_config.is_file():
+        # An FP8 base loaded dequantised has no quantization_config left; its copied shards still need one.
+        quantization = export_quantization(json.loads(base_config.read_text()))
+        if quantization is not None:
+            config.quantization_config = quantization
     for key in _STALE_SCHEDULE_KEYS:  # left by an earlier uniform pattern, they would contradict this one
         if key not in keys and key in config.__dict__:
             delattr(config, key)

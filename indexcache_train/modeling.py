@@ -23,7 +23,10 @@ from transformers import (
 )
 
 from .adapters import ADAPTERS
+from .fp8 import quantization_config as fp8_quantization_config
+from .fp8 import resolve_route as fp8_route
 from .sparse_forward import SPARSE_ATTENTION, use_sparse_forward
+from .zero import load_partitioned, zero3_enabled
 
 TINY_DSA = dict(
     vocab_size=257, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
@@ -81,14 +84,22 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False) -> Pretra
 
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
-               attn_implementation: str = SPARSE_ATTENTION,
-               config: PretrainedConfig | None = None) -> torch.nn.Module:
+               attn_implementation: str = SPARSE_ATTENTION, config: PretrainedConfig | None = None,
+               fp8: str = "auto") -> torch.nn.Module:
     """`AutoModelForCausalLM.from_pretrained` of a DSA model, after `load_config`'s checks, on the sparse
-    forward (`attn_implementation="indexcache_sparse"`) or transformers' own attention (`"sdpa"`, ...)."""
+    forward (`attn_implementation="indexcache_sparse"`) or transformers' own attention (`"sdpa"`, ...). Under
+    a live ZeRO-3 `zero.ZeroContext` the weights load straight into partitions; an FP8 base takes the `fp8`
+    route (fp8.py)."""
     config = config or load_config(name_or_path, trust_remote_code=trust_remote_code)
+    route = fp8_route(config, fp8, zero3_enabled())
+    if zero3_enabled():
+        model = load_partitioned(name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                                 attn_implementation=_native(attn_implementation))
+        return _maybe_sparse(model, attn_implementation)
+    quantization = {"quantization_config": fp8_quantization_config(config, route)} if route else {}
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-        attn_implementation=_native(attn_implementation),
+        attn_implementation=_native(attn_implementation), **quantization,
     )
     return _maybe_sparse(model, attn_implementation)
 
@@ -155,11 +166,16 @@ def build_model(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
     config = config or load_model_config(cfg)
     if cfg.name_or_path:
         return load_model(cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                          attn_implementation=cfg.attn_implementation, config=config)
+                          attn_implementation=cfg.attn_implementation, config=config, fp8=cfg.fp8)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation))
     dtype = resolve_dtype(cfg.dtype)
-    return _maybe_sparse(model if dtype == "auto" else model.to(dtype), cfg.attn_implementation)
+    if zero3_enabled():  # built as partitions, which a later .to() would not reach: the dtype goes in first
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation),
+                                                 **({} if dtype == "auto" else {"dtype": dtype}))
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation))
+        model = model if dtype == "auto" else model.to(dtype)
+    return _maybe_sparse(model, cfg.attn_implementation)
 
 
 def build_model_and_tokenizer(cfg) -> tuple[torch.nn.Module, LazyTokenizer]:

@@ -37,11 +37,13 @@ from .distill import IndexerDistillation
 from .export import export_indexcache
 from .files import write_text_atomically
 from .metrics import lm_loss
-from .modeling import LazyTokenizer, build_model, check_seq_len, load_model_config
+from .modeling import LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype
 from .optim import warmup_cosine
 from .pattern import IndexCachePattern
+from .plan import check_run_plan
 from .runtime import all_ranks_finite, init_distributed, mean_over_ranks, resolve_device, seed_everything
 from .tracking import Tracker
+from .zero import ZeroContext, gathered_forward, place, zero_settings
 
 log = logging.getLogger(__name__)
 STAGES = ("dense", "sparse", "schedule")
@@ -81,6 +83,11 @@ def check_run_config(cfg: DictConfig, model_config) -> None:
 
 
 # --------------------------------------------------------------------------------------------- pieces
+def uses_bf16(cfg: DictConfig, device: torch.device) -> bool:
+    """deepspeed.bf16: auto is bf16 on a GPU, fp32 on a CPU."""
+    return device.type == "cuda" if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
+
+
 def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
     """The DeepSpeed JSON, with `deepspeed.config` merged in last (recursively, so that one nested key does
     not replace its section). No optimizer is named in it (a client AdamW is passed), so no fused op compiles."""
@@ -88,7 +95,7 @@ def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.trainer.gradient_accumulation_steps,
         "gradient_clipping": cfg.trainer.gradient_clipping,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        **zero_settings(cfg.deepspeed),
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -112,9 +119,8 @@ def build_engine(cfg: DictConfig, distillation: IndexerDistillation, device: tor
                                   weight_decay=cfg.trainer.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.trainer.warmup_steps, cfg.trainer.lr_decay_steps or cfg.trainer.max_steps,
                               cfg.trainer.min_lr_ratio)
-    bf16 = device.type == "cuda" if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
     engine, _, _, _ = deepspeed.initialize(model=distillation, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, bf16))
+                                           config=deepspeed_config(cfg, uses_bf16(cfg, device)))
     return engine, trainable
 
 
@@ -217,12 +223,25 @@ def train(cfg: DictConfig) -> dict:
     resume_from = resume_path(cfg.resume, output_dir)
     seed_everything(cfg.seed)
 
-    model = build_model(cfg.model, model_config).to(device).eval()  # before the pattern: removed indexers
-    tokenizer = LazyTokenizer(cfg.model)                            # stay on the same device
+    bf16 = uses_bf16(cfg, device)
+    if cfg.trainer.check_plan:  # from the config alone, before any weight is read
+        dtype_bytes = 2 if bf16 or cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype).itemsize
+        memory_plan = check_run_plan(cfg, model_config, world_size=world_size, device=device,
+                                     dtype_bytes=dtype_bytes)
+        if rank == 0:
+            print(memory_plan.table())
+            write_text_atomically(output_dir / "plan.json", json.dumps(memory_plan.to_dict(), indent=2))
+    # Alive for the whole run: under ZeRO-3, transformers then builds and loads the model into partitions.
+    zero_context = ZeroContext(deepspeed_config(cfg, bf16))  # noqa: F841
+    if cfg.trainer.gpu_memory_fraction is not None and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(cfg.trainer.gpu_memory_fraction, device)
+    model = place(build_model(cfg.model, model_config), device).eval()  # before the pattern: removed indexers
+    tokenizer = LazyTokenizer(cfg.model)                                 # stay on the same device
     eval_batches = load_eval_batches(cfg, tokenizer, device)
     # The loss with every indexer the checkpoint has: what the distilled pattern should come back to.
-    loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
-                      if eval_batches and resume_from is None else None)
+    with gathered_forward(model):  # no engine gathers ZeRO-3 partitions yet
+        loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
+                          if eval_batches and resume_from is None else None)
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
                                        kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
                                        teacher_form=cfg.distill.teacher_form)

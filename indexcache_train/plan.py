@@ -1,0 +1,257 @@
+"""The memory planner: what one GPU holds during distillation, from a model config alone (the model is built
+on the meta device; no weights are read).
+
+Notation: b micro batch, L sequence length, R = b L rows; H heads, n/r/v the nope/rope/value head dims,
+c = kv_lora_rank, q = q_lora_rank, d = hidden_size; Hi, Di, k the indexer's heads, head dim and top-k; I the
+dense MLP width, I_e / E / e the expert width, count and experts per token; a = 2 bytes (bf16 activations),
+w = 2 bytes per frozen weight (1 for an FP8 base kept in FP8); N the GPUs, F the number of F layers.
+
+weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w (M + 5e7), the largest
+           module gathered whole (M: the fused experts of one MoE layer) plus DeepSpeed's prefetch bucket.
+optimizer  the F indexers' states, from DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs`
+           with P_trainable and the largest trainable module), which count 16-bit weights and gradients,
+           fp32 master weights, Adam moments and, for ZeRO-3, one gathered trainable module.
+activations the frozen sparse forward's peak, per GPU, in bytes:
+  stream       3 a R d                                   (hidden states, residual, normed input)
+  groups       F R [(Hi Di + Di + Hi)(a + 4) + a (d + q + Di) + 4 k]
+               every F layer's IndexerKLLoss lives until the loss: its q/k/w with grad, their fp32 gradient
+               accumulators, the inputs the projections' backward saved, and the group's int32 top-k
+  attention    a R (q + 2 H (n + r) + (c + r)) + max of three phases:
+                 indexer  4 R (Hi Di + Di + Hi) + 4 min(2^28, b L^2) + 4 R k   (fp32 q/k/w, logits block, top-k)
+                 KL       4 min(2^26, R k) + b min(16384, L) H (a (c + r) + 4 c) + a R H v + 4 R H
+                          (p buffer, the absorbed teacher block and its fp32 nope fold; the taps run after
+                          the attention, so its output and log-sum-exp are still there)
+                 sparse   b C H (a (c + r) + 4 c + a c) + a R H v + a R d, C = min(8192, L)
+                          (absorbed query block, its fp32 nope fold, latent output, attention output, o_proj)
+  mlp          in blocks of M = b min(16384, L) tokens (the frozen forward's MLP blocks):
+               max(dense 3 a M I, routed 3 a M e I_e + a M e d + 3 a M I_e n_shared + 4 M E) + a M d + a R d
+               (gate/up and the activation, the routed tokens' copies, the block's input, the output)
+  peak         stream + groups + max(attention, mlp)
+
+Calibration: `activation_scale` multiplies the activation terms and `reserve_gib` is set aside for the CUDA
+context, NCCL and the allocator; `calibration(plan, measured_gib)` says which factor a measured peak implies.
+Every term is in `plan.json` under `terms_gib`, so a measured peak can be compared term by term. The terms
+alone come to 0.88-0.90 of measured peaks: on an H200 (docs/results/bench_long_context_h200.json, the sparse
+step of a 4-layer DeepSeek-V3.2-shaped model at 64K / 128K / 200K: 1.17 / 1.14 / 1.13 implied) and on a CPU
+(tests/test_plan.py: 1.10), so the default scale is `ACTIVATION_SCALE` = 1.14, which puts those three H200
+peaks within 2%.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+GIB = 2**30
+ACTIVATION_SCALE = 1.14  # measured peaks over the activation terms (module docstring)
+H200_GIB = 139.8  # torch.cuda.get_device_properties(...).total_memory of an H200, in GiB
+PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
+LOGITS_BLOCK, P_BUFFER = 1 << 28, 1 << 26  # elements: the indexer top-k's and the sparse KL's fp32 blocks
+# rows per block: sparse attention queries, absorbed teacher rows in the KL, MLP tokens of the frozen forward
+ATTENTION_ROWS, TEACHER_ROWS, MLP_ROWS = 8192, 16384, 16384
+
+
+@dataclass
+class Plan:
+    params_total: int
+    params_trainable: int
+    weights_gib_per_gpu: float
+    optimizer_gib_per_gpu: float
+    activations_gib_per_gpu: float
+    total_gib_per_gpu: float
+    gpu_gib: float | None  # None: planned without a GPU to fit (the trainer on a CPU)
+    fits: bool | None
+    world_size: int
+    seq_len: int
+    micro_batch_size: int
+    pattern: str
+    zero_stage: int
+    offload_param: str
+    offload_optimizer: str
+    terms_gib: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [("parameters (total / trainable)", f"{self.params_total / 1e9:.2f}B / {self.params_trainable / 1e6:.1f}M"),
+                ("weights per GPU", f"{self.weights_gib_per_gpu:.1f} GiB"),
+                ("optimizer per GPU", f"{self.optimizer_gib_per_gpu:.2f} GiB"),
+                ("activations per GPU", f"{self.activations_gib_per_gpu:.1f} GiB"),
+                ("total per GPU", f"{self.total_gib_per_gpu:.1f} GiB"
+                                  + (f" of {self.gpu_gib:.1f}" if self.gpu_gib is not None else "")),
+                ("fits", {True: "yes", False: "NO", None: "- (no GPU)"}[self.fits])]
+        head = (f"Memory plan: {self.world_size} GPU(s), L={self.seq_len}, micro batch {self.micro_batch_size}, "
+                f"pattern {self.pattern}, ZeRO-{self.zero_stage}, offload param={self.offload_param} "
+                f"optimizer={self.offload_optimizer}")
+        width = max(len(r[0]) for r in rows)
+        return "\n".join([head] + [f"  {label:<{width}}  {value}" for label, value in rows])
+
+
+def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, config=None, dtype_bytes: int = 2) -> Plan:
+    """The plan of a trainer (or planner) config: its model (built on the meta device from `config`, or from
+    the config `cfg.model` names), data.seq_len, data.batch_size (the micro batch), distill.pattern and
+    deepspeed groups."""
+    from .fp8 import quant_method
+    from .modeling import load_model_config
+
+    config = config if config is not None else load_model_config(cfg.model)
+    zero_stage = cfg.deepspeed.zero_stage
+    # Only the native route keeps FP8 weights in memory; ZeRO-3 and model.fp8=dequantize hold model.dtype.
+    fp8_base = quant_method(config) == "fp8" and cfg.model.fp8 != "dequantize" and zero_stage != 3
+    # A copy: building a model writes into its config (attention implementation, dtype), and the run loads with it
+    return plan_memory(meta_model(copy.deepcopy(config)), world_size=world_size,
+                       seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.batch_size,
+                       pattern=cfg.distill.pattern, zero_stage=zero_stage, offload_param=cfg.deepspeed.offload_param,
+                       offload_optimizer=cfg.deepspeed.offload_optimizer, fp8_base=fp8_base, gpu_gib=gpu_gib,
+                       activation_scale=cfg.plan.activation_scale, reserve_gib=cfg.plan.reserve_gib,
+                       dtype_bytes=dtype_bytes)
+
+
+def meta_model(config) -> nn.Module:
+    """The architecture on the meta device: shapes only. Not under a live ZeRO-3 `zero.ZeroContext`, where
+    transformers would build it under `deepspeed.zero.Init` and initialise meta tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from .zero import zero3_enabled
+
+    if zero3_enabled():
+        raise RuntimeError("Plan before the ZeRO-3 context exists: a meta model cannot be built under zero.Init.")
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_size: int, pattern,
+                zero_stage: int, offload_param: str = "none", offload_optimizer: str = "none", fp8_base: bool = False,
+                gpu_gib: float | None = H200_GIB, activation_scale: float = ACTIVATION_SCALE, reserve_gib: float = 2.0,
+                dtype_bytes: int = 2) -> Plan:
+    """The per-GPU plan for distilling `model` with `pattern`: a model as built (meta or loaded, partitioned or
+    not) before any pattern is applied, so that every indexer is in place. The S layers' indexers count as
+    frozen weights: they stay in memory, off the module tree, until the export drops them. `dtype_bytes` is
+    the run's compute dtype (2: bf16, DeepSpeed's on a GPU; 4: fp32), for weights and activations."""
+    from .adapters import get_adapter
+    from .pattern import IndexCachePattern
+
+    adapter = get_adapter(model)
+    pattern = IndexCachePattern.coerce(pattern, adapter.num_layers(model))
+    indexers = [adapter.indexer(model, layer) for layer in pattern.full_layers]
+    if any(i is None for i in indexers):
+        raise ValueError(f"plan_memory wants the model as built, with an indexer on every F layer of {pattern}.")
+    trainable_ids = {id(p) for i in indexers for p in i.parameters()}
+    params_total = sum(_numel(p) for p in model.parameters())
+    params_trainable = sum(_numel(p) for i in indexers for p in i.parameters())
+    frozen_bytes = sum(_numel(p) * _frozen_bytes(name, fp8_base, dtype_bytes) for name, p in model.named_parameters()
+                       if id(p) not in trainable_ids)
+    largest = max(sum(_numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
+    largest_trainable = max(sum(_numel(p) for p in m.parameters(recurse=False)) for i in indexers for m in i.modules())
+
+    if zero_stage == 3:
+        share = 0 if offload_param != "none" else frozen_bytes / world_size
+        weights = share + dtype_bytes * min(frozen_bytes / dtype_bytes, largest + PREFETCH_BUCKET)
+    else:
+        weights = frozen_bytes
+    optimizer = _optimizer_bytes(params_trainable, largest_trainable, world_size, zero_stage, offload_param,
+                                 offload_optimizer)
+    terms = activation_terms(model.config, batch=micro_batch_size, seq_len=seq_len,
+                             num_full=len(pattern.full_layers), act_bytes=dtype_bytes)
+    activations = activation_scale * (terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"]))
+    total = (weights + optimizer + activations) / GIB
+    return Plan(
+        params_total=params_total, params_trainable=params_trainable, weights_gib_per_gpu=weights / GIB,
+        optimizer_gib_per_gpu=optimizer / GIB, activations_gib_per_gpu=activations / GIB, total_gib_per_gpu=total,
+        gpu_gib=gpu_gib, fits=None if gpu_gib is None else total <= gpu_gib - reserve_gib, world_size=world_size, seq_len=seq_len,
+        micro_batch_size=micro_batch_size, pattern=str(pattern), zero_stage=zero_stage, offload_param=offload_param,
+        offload_optimizer=offload_optimizer, terms_gib={k: v / GIB for k, v in terms.items()},
+    )
+
+
+def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_bytes: int = 2,
+                     logits_block: int = LOGITS_BLOCK) -> dict[str, float]:
+    """The activation terms of the module docstring, in bytes. `logits_block`: the top-k's fp32 block in
+    elements, 2^28 on a GPU (2^26 on a CPU, where the planner is checked)."""
+    a, b, L = act_bytes, batch, seq_len
+    rows = b * L
+    H, n, r, v = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim)
+    c, q, d = config.kv_lora_rank, config.q_lora_rank or config.hidden_size, config.hidden_size
+    hi, di, k = config.index_n_heads, config.index_head_dim, min(config.index_topk, L)
+    index_elems = hi * di + di + hi
+    stream = 3 * a * rows * d
+    groups = num_full * rows * (index_elems * (a + 4) + a * (d + q + di) + 4 * k)
+    indexer = 4 * rows * index_elems + 4 * min(logits_block, b * L * L) + 4 * rows * k
+    kl = (4 * min(P_BUFFER, rows * k) + b * min(TEACHER_ROWS, L) * H * (a * (c + r) + 4 * c)
+          + a * rows * H * v + 4 * rows * H)
+    chunk = min(ATTENTION_ROWS, L)
+    sparse = b * chunk * H * (a * (c + r) + 4 * c + a * c) + a * rows * H * v + a * rows * d
+    attention = a * rows * (q + 2 * H * (n + r) + (c + r)) + max(indexer, kl, sparse)
+    experts = getattr(config, "n_routed_experts", None) or 0
+    block = b * min(MLP_ROWS, L)
+    dense_mlp = 3 * a * block * config.intermediate_size
+    routed = 0
+    if experts:
+        per_token = config.num_experts_per_tok
+        routed = (3 * a * block * per_token * config.moe_intermediate_size + a * block * per_token * d
+                  + 3 * a * block * config.moe_intermediate_size * (getattr(config, "n_shared_experts", 0) or 0)
+                  + 4 * block * experts)
+    mlp = max(dense_mlp, routed) + a * block * d + a * rows * d
+    return {"stream": stream, "groups": groups, "attention": attention, "mlp": mlp,
+            "attention.indexer": indexer, "attention.kl": kl, "attention.sparse": sparse}
+
+
+def calibration(plan: Plan | dict, measured_gib: float) -> dict[str, float]:
+    """How a measured peak (torch.cuda.max_memory_allocated) compares with the plan, and the
+    `activation_scale` that would make the plan match it."""
+    plan = plan.to_dict() if isinstance(plan, Plan) else plan
+    static = plan["weights_gib_per_gpu"] + plan["optimizer_gib_per_gpu"]
+    return {"measured_gib": measured_gib, "planned_gib": plan["total_gib_per_gpu"],
+            "error": (plan["total_gib_per_gpu"] - measured_gib) / measured_gib,
+            "activation_scale": (measured_gib - static) / plan["activations_gib_per_gpu"]
+            if plan["activations_gib_per_gpu"] else math.nan}
+
+
+def _optimizer_bytes(params: int, largest: int, world: int, stage: int, offload_param: str,
+                     offload_optimizer: str) -> float:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if stage == 3:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+            params, largest, num_gpus_per_node=world, cpu_offload=offload_optimizer != "none",
+            cpu_offload_params=offload_param != "none", additional_buffer_factor=1.0)
+        return gpu
+    # ZeRO-0 keeps every state on every GPU: the ZeRO-2 estimate over a world of one.
+    _, gpu = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=world if stage else 1,
+                                                   cpu_offload=offload_optimizer != "none",
+                                                   additional_buffer_factor=1.0)
+    return gpu
+
+
+def _frozen_bytes(name: str, fp8_base: bool, dtype_bytes: int) -> int:
+    if fp8_base and name.endswith(("proj.weight", "gate_up_proj", "down_proj")) and ".indexer." not in name:
+        return 1  # FP8Linear / FP8Experts weights; their fp32 scales add 1/4096 of that
+    return dtype_bytes
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())
+
+
+def check_run_plan(cfg, config, *, world_size: int, device: torch.device, dtype_bytes: int) -> Plan:
+    """The trainer's start-of-run plan for the model `config` describes, before any weight is read; on a GPU,
+    a clear error when it does not fit."""
+    capacity = None
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory / GIB
+        capacity *= cfg.trainer.gpu_memory_fraction or 1.0
+    plan = plan_from_config(cfg, world_size=world_size, gpu_gib=capacity, config=config, dtype_bytes=dtype_bytes)
+    if device.type == "cuda" and not plan.fits:
+        raise RuntimeError(
+            f"The memory plan does not fit: {plan.total_gib_per_gpu:.1f} GiB per GPU planned against "
+            f"{capacity:.1f} GiB ({cfg.plan.reserve_gib} GiB kept free) -- weights {plan.weights_gib_per_gpu:.1f}, "
+            f"optimizer {plan.optimizer_gib_per_gpu:.1f}, activations {plan.activations_gib_per_gpu:.1f}. Use more "
+            "GPUs, deepspeed=zero3 or zero3_offload, a shorter data.seq_len, or trainer.check_plan=false to try anyway.")
+    return plan
