@@ -87,6 +87,16 @@ def test_switching_back_and_patterns_keep_the_state(model_type, input_ids):
     assert torch.equal(forward(model, input_ids)[0], native_logits)
 
 
+def test_cached_generation_equals_the_native_one(model_type):
+    """With a cache the queries are the new tokens only and the keys all tokens so far (query_start > 0)."""
+    model = build_tiny(model_type)
+    prompt = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        native = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        ours = use_sparse_forward(model).generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, native)
+
+
 def test_padding_masks_are_refused(input_ids):
     model = use_sparse_forward(build_tiny())
     attention_mask = torch.ones_like(input_ids)
