@@ -42,15 +42,13 @@ interpreter's bf16 dot and arithmetic are wrong.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-# The same, usable inside @triton.jit functions (Triton only reads constexpr globals).
+from .common import LN2, LOG2E, interpreting
+
+# The constants, usable inside @triton.jit functions (Triton only reads constexpr globals).
 _LOG2E_C = tl.constexpr(LOG2E)
 _LN2_C = tl.constexpr(LN2)
 
@@ -70,13 +68,9 @@ def dense_flops(batch: int, seq_len: int, groups: int, heads: int, head_dim: int
 
 
 # --------------------------------------------------------------------------------------------- Triton ----
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _interpreter_settings(device: torch.device) -> bool:
     """Interpreter tiles and fp32 casts: under TRITON_INTERPRET=1 or for CPU tensors."""
-    return _interpreting() or device.type != "cuda"
+    return interpreting() or device.type != "cuda"
 
 
 def _split_dim(dim: int) -> tuple[int, int]:

@@ -16,10 +16,9 @@ scales them by grad_output, so `engine.backward(loss)` sees an ordinary loss.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .common import interpreting
 from .dense import dense_kl_accumulate
 from .sparse import sparse_kl_accumulate
 
@@ -48,7 +47,7 @@ def pick_backend(device: torch.device, backend: str | None = None) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"Unknown KL backend {backend!r}; choose from {BACKENDS}.")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError("The Triton backend on CPU tensors needs TRITON_INTERPRET=1, set before import.")
     return backend
 

@@ -26,21 +26,19 @@ visible keys) with -1.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .indexer_kl import pick_backend
-from .sparse import _common_dtype, _lastdim_contiguous
+from .common import common_dtype, interpreting, lastdim_contiguous
 
 # Elements of the fp32 [B, chunk, T] logits block per top-k step: 1 GiB on a GPU, where larger chunks keep
 # the launches full; 256 MiB on CPU, whose torch path gains nothing from larger chunks.
 _CHUNK_BUDGET_ELEMS = {"cuda": 1 << 28, "cpu": 1 << 26}
 # Elements of the torch path's per-row-block head scores [B, rows, Hi, T'] (32 MiB fp32).
 _TORCH_TEMP_ELEMS = 1 << 23
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 
 
 # --------------------------------------------------------------------------------------------- Triton ----
@@ -118,7 +116,7 @@ def _logits_triton(index_q, index_k, index_weights, query_start, config=None):
     B, C, Hi, Di = index_q.shape
     T = index_k.shape[1]
     # tl.dot needs one operand dtype; fp64 has no tensor-core path, and the logits are fp32 anyway.
-    index_q, index_k = _common_dtype(_lastdim_contiguous(index_q), _lastdim_contiguous(index_k))
+    index_q, index_k = common_dtype(lastdim_contiguous(index_q), lastdim_contiguous(index_k))
     if index_q.dtype == torch.float64:
         index_q, index_k = index_q.float(), index_k.float()
     out = torch.empty(B, C, T, dtype=torch.float32, device=index_q.device)

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from .common import LOG2E, common_dtype, lastdim_contiguous
+
 
 # Rows per launch of the Triton path: bounds the p buffer to ~256 MiB fp32.
 _PBAR_BUDGET_ELEMS = 1 << 26
@@ -254,18 +254,6 @@ def _sparse_student_kernel(
     tl.store(loss_ptr + pid, loss)
 
 
-def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _common_dtype(*xs: torch.Tensor):
-    """tl.dot needs matching operand dtypes: promote a pair that differs."""
-    dtype = xs[0].dtype
-    for x in xs[1:]:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return [x if x.dtype == dtype else x.to(dtype) for x in xs]
-
-
 def _teacher_config(R: int, H: int, K: int, D: int):
     """(BH, BK, BD, USE_DOT, num_warps, num_stages) for the teacher kernel. Picked on an H200 (bf16, k=2048,
     H=128, G=2, whole call): shared-key path BH=64 x BK=128 48.6 ms at L=8K D=576 (128 x 64: 57.9 ms,
@@ -286,10 +274,10 @@ def _sparse_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, tea
     K = topk_indices.shape[-1]
     R = H // Hk
     interpret = index_q.device.type != "cuda"  # CPU tensors only run under TRITON_INTERPRET=1
-    index_q, index_k = _common_dtype(_lastdim_contiguous(index_q), _lastdim_contiguous(index_k))
-    index_weights = _lastdim_contiguous(index_weights)
-    teacher_q, teacher_k = _common_dtype(_lastdim_contiguous(teacher_q.detach()),
-                                         _lastdim_contiguous(teacher_k.detach()))
+    index_q, index_k = common_dtype(lastdim_contiguous(index_q), lastdim_contiguous(index_k))
+    index_weights = lastdim_contiguous(index_weights)
+    teacher_q, teacher_k = common_dtype(lastdim_contiguous(teacher_q.detach()),
+                                         lastdim_contiguous(teacher_k.detach()))
     index_q, index_k, index_weights = index_q.detach(), index_k.detach(), index_weights.detach()
     for acc in (d_index_q, d_index_k, d_index_weights):
         assert acc.dtype == torch.float32 and acc.stride(-1) == 1, "accumulators must be fp32, last dim contiguous"

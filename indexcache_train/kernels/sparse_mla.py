@@ -47,16 +47,13 @@ The torch path gathers the selected keys for chunks of query rows
 (never an [L, T] tensor), computes in fp32 and is differentiable; the Triton path has no backward.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .indexer_kl import pick_backend
-from .sparse import _lastdim_contiguous
+from .common import LOG2E, interpreting, lastdim_contiguous
 
-LOG2E = 1.4426950408889634
 
 # Elements per intermediate tensor of the torch path (a chunk's gathered keys).
 _TORCH_BUDGET_ELEMS = 1 << 23
@@ -64,7 +61,7 @@ _TORCH_BUDGET_ELEMS = 1 << 23
 _DENSE_SCORING_RATIO = 16
 # Triton reads TRITON_INTERPRET when a kernel is defined; the autotuner runs only compiled (with more than one
 # config it fails under the interpreter).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 # Autotuned (BK, num_warps, num_stages, SPLIT) on a GPU, by the size of the [BH, DV] fp32 accumulator. A large
 # one (64 heads x 512) needs 8 warps for 128 registers per thread; BK = 64 x 576 bf16 is 72 KiB of shared memory
 # per stage beside the 72 KiB query block. SPLIT = 1 computes the scores with the warpgroups split over the slots
@@ -201,7 +198,7 @@ def _sparse_mla_triton(q, kv, indices, scale, value_dim, query_start=0, *, out=N
     num_stages, SPLIT) skips the autotuner; CPU tensors (interpreter) use INTERPRET_CONFIG unless given one."""
     B, L, H, D = q.shape
     T, K = kv.shape[1], indices.shape[-1]
-    q, kv = _lastdim_contiguous(q), _lastdim_contiguous(kv)
+    q, kv = lastdim_contiguous(q), lastdim_contiguous(kv)
     if out is None:
         out = torch.empty(B, L, H, value_dim, dtype=q.dtype, device=q.device)
     if lse is None:
