@@ -300,8 +300,8 @@ def tune(L, G, a):
         results[name] = []
         for cfg in cands:
             def call():
-                dense._dense_triton(iq.detach(), ik.detach(), iw.detach(), tq, tk, scale, 1.0, *accs,
-                                    configs={name: cfg})
+                dense._dense_kl_triton(iq.detach(), ik.detach(), iw.detach(), tq, tk, scale, 1.0, *accs,
+                                       configs={name: cfg})
             try:
                 ms = sum(v for k, v in kernel_breakdown(call).items() if KERNEL_OF[name] in k) or "not found"
             except Exception as e:  # out of shared memory / registers for this tile

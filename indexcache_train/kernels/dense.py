@@ -452,9 +452,9 @@ def _num_sms(device: torch.device) -> int:
     return 2
 
 
-def _dense_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, grad_scale,
-                  d_index_q, d_index_k, d_index_weights, *, chunk_rows=None, configs=None, ksplit=None,
-                  head_splits=None) -> torch.Tensor:
+def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, grad_scale,
+                     d_index_q, d_index_k, d_index_weights, *, chunk_rows=None, configs=None, ksplit=None,
+                     head_splits=None) -> torch.Tensor:
     interp = _interpreter_settings(index_q.device)
     cfg = dict(CPU_CONFIGS if interp else GPU_CONFIGS)
     if not interp and teacher_q.shape[-1] > 256:
@@ -562,9 +562,9 @@ def _dense_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher
 
 
 # ---------------------------------------------------------------------------------------- torch path ----
-def dense_kl_accumulate_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float,
-                              grad_scale: float, d_index_q, d_index_k, d_index_weights, *,
-                              chunk_rows: int | None = None) -> torch.Tensor:
+def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float,
+                    grad_scale: float, d_index_q, d_index_k, d_index_weights, *,
+                    chunk_rows: int | None = None) -> torch.Tensor:
     """Same contract as `dense_kl_accumulate`, in plain torch over chunks of C query rows: the largest
     intermediate is one layer's [B, H, C, L] scores (and [B, C, Hi, L] for the student). Computes in fp32
     (fp64 inputs stay fp64); each chunk's rows are complete, so softmaxes need no LSE pass."""
@@ -623,8 +623,7 @@ def dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, t
     query rows per chunk (a multiple of 128 on the Triton path)."""
     with torch.no_grad():
         if use_triton:
-            return _dense_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                                 grad_scale, d_index_q, d_index_k, d_index_weights, chunk_rows=chunk_rows)
-        return dense_kl_accumulate_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                                         grad_scale, d_index_q, d_index_k, d_index_weights,
-                                         chunk_rows=chunk_rows)
+            return _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
+                                    grad_scale, d_index_q, d_index_k, d_index_weights, chunk_rows=chunk_rows)
+        return _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
+                               grad_scale, d_index_q, d_index_k, d_index_weights, chunk_rows=chunk_rows)
