@@ -14,7 +14,8 @@ loops over the heads: s = q_h . k^T on the tensor cores (fp32 accumulation), rel
 an fp32 tile in registers; the causal mask and one store end it. Tiles wholly above the diagonal store -inf
 without computing. Programs of one query tile run side by side (the key tile index is the fastest grid axis),
 so the tile's q, Hi x larger than a key tile, is read from HBM once and served from L2 to the others.
-Cost: 2*Hi*Di flops per visible (t, s) pair, `indexer_logits_flops`.
+Cost: 2*Hi*Di flops per visible (t, s) pair, `indexer_logits_flops`. bf16/fp16 q and k run on the tensor
+cores; fp32 ones take tl.dot's exact fp32 path (no tensor cores, register-bound: for tests), so pass bf16.
 
 Torch path: the same maths a few query rows at a time, all heads in one matmul and the heads summed by a
 [1, Hi] @ [Hi, T] matmul per row, as the native forward sums them; its temporaries stay near 32 MiB.
