@@ -73,9 +73,10 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
                                                             value_dim=lora, query_start=query_start + start,
                                                             return_lse=True)
             output[:, rows] = torch.einsum("bthc,hvc->bthv", latent_out, w_v.to(latent_out.dtype))
-    # The taps run after the attention, so that the sparse KL can reuse its log-sum-exp.
-    run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True,
-                           lse=lse.transpose(1, 2)))
+        # After the attention, so that the sparse KL can reuse its log-sum-exp; inside the gather, so that
+        # the teacher's query folds find kv_b_proj whole instead of gathering it once per block.
+        run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True,
+                               lse=lse.transpose(1, 2)))
     return output, None
 
 

@@ -55,7 +55,7 @@ class AbsorbedTeacher:
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         """(query [B, H, L, kv_lora + rope], key [B, 1, L, kv_lora + rope]) with the same scores q . k."""
         if call.latent:  # the sparse forward already hands over the latent key
-            return absorbed_query(call.module, call.query), call.key
+            return call.score_operands()
         latent = self.latents.pop(call.layer)
         key = torch.cat([latent.to(call.key.dtype), call.key[:, 0, :, call.module.qk_nope_head_dim:]], dim=-1)
         return absorbed_query(call.module, call.query), key.unsqueeze(1)
