@@ -6,8 +6,10 @@ c = kv_lora_rank, q = q_lora_rank, d = hidden_size; Hi, Di, k the indexer's head
 dense MLP width, I_e / E / e the expert width, count and experts per token; a = 2 bytes (bf16 activations),
 w = 2 bytes per frozen weight (1 for an FP8 base kept in FP8); N the GPUs, F the number of F layers.
 
-weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w (M + 5e7), the largest
-           module gathered whole (M: the fused experts of one MoE layer) plus DeepSpeed's prefetch bucket.
+weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w (max(M, 1e9) + 5e7):
+           the gathered parameters DeepSpeed may keep resident (the largest module gathered whole, M: the
+           fused experts of one MoE layer, or its default stage3_max_live_parameters, 1e9), plus its prefetch
+           bucket (5e7).
 optimizer  the F indexers' states, from DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs`
            with P_trainable and the largest trainable module), which count 16-bit weights and gradients,
            fp32 master weights, Adam moments and, for ZeRO-3, one gathered trainable module.
@@ -23,9 +25,11 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
                           the attention, so its output and log-sum-exp are still there)
                  sparse   b C H (a (c + r) + 4 c + a c) + a R H v + a R d, C = min(8192, L)
                           (absorbed query block, its fp32 nope fold, latent output, attention output, o_proj)
-  mlp          in blocks of M = b min(16384, L) tokens (the frozen forward's MLP blocks):
-               max(dense 3 a M I, routed 3 a M e I_e + a M e d + 3 a M I_e n_shared + 4 M E) + a M d + a R d
-               (gate/up and the activation, the routed tokens' copies, the block's input, the output)
+  mlp          in blocks of M = b min(16384, L) tokens, M_e = b min(16384 / e, L) for an MoE (the frozen
+               forward's MLP blocks): max(dense 3 a M I + a M d,
+               routed 3 a M_e e I_e + (2 a + 8) M_e e d + 3 a M_e I_e n_shared + 4 M_e E + a M_e d) + a R d
+               (gate/up and the activation; the routed copies: sorted input, expert output, its fp32 weighted
+               and unpermuted forms; the block's input; the output)
   peak         stream + groups + max(attention, mlp)
 
 Calibration: `activation_scale` multiplies the activation terms and `reserve_gib` is set aside for the CUDA
@@ -50,6 +54,7 @@ GIB = 2**30
 ACTIVATION_SCALE = 1.14  # measured peaks over the activation terms (module docstring)
 H200_GIB = 139.8  # torch.cuda.get_device_properties(...).total_memory of an H200, in GiB
 PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
+MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters: gathered ones it may keep resident
 LOGITS_BLOCK, P_BUFFER = 1 << 28, 1 << 26  # elements: the indexer top-k's and the sparse KL's fp32 blocks
 # rows per block: sparse attention queries, absorbed teacher rows in the KL, MLP tokens of the frozen forward
 ATTENTION_ROWS, TEACHER_ROWS, MLP_ROWS = 8192, 16384, 16384
@@ -152,7 +157,8 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
 
     if zero_stage == 3:
         share = 0 if offload_param != "none" else frozen_bytes / world_size
-        weights = share + dtype_bytes * min(frozen_bytes / dtype_bytes, largest + PREFETCH_BUCKET)
+        gathered = max(largest, MAX_LIVE_PARAMETERS) + PREFETCH_BUCKET
+        weights = share + dtype_bytes * min(frozen_bytes / dtype_bytes, gathered)
     else:
         weights = frozen_bytes
     optimizer = _optimizer_bytes(params_trainable, largest_trainable, world_size, zero_stage, offload_param,
@@ -194,10 +200,11 @@ def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_byt
     routed = 0
     if experts:
         per_token = config.num_experts_per_tok
-        routed = (3 * a * block * per_token * config.moe_intermediate_size + a * block * per_token * d
-                  + 3 * a * block * config.moe_intermediate_size * (getattr(config, "n_shared_experts", 0) or 0)
-                  + 4 * block * experts)
-    mlp = max(dense_mlp, routed) + a * block * d + a * rows * d
+        block_e = b * min(MLP_ROWS // per_token, L)
+        routed = (3 * a * block_e * per_token * config.moe_intermediate_size + (2 * a + 8) * block_e * per_token * d
+                  + 3 * a * block_e * config.moe_intermediate_size * (getattr(config, "n_shared_experts", 0) or 0)
+                  + 4 * block_e * experts + a * block_e * d)
+    mlp = max(dense_mlp + a * block * d, routed) + a * rows * d
     return {"stream": stream, "groups": groups, "attention": attention, "mlp": mlp,
             "attention.indexer": indexer, "attention.kl": kl, "attention.sparse": sparse}
 

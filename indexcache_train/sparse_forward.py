@@ -19,7 +19,7 @@ scores [B, L, H_I, L]. `use_sparse_forward(model)` switches a model, in place, t
   positions, so the "mask" costs no memory at any L;
 - **selection**: each indexer's forward computes sum_h w relu(q_h . k) in fp32 blocks and its top-k
   (`kernels.indexer_topk`), never [chunk, H_I, L];
-- **MLP** in blocks of `MLP_CHUNK_ROWS` tokens when no graph is being built: each token's MLP (or MoE
+- **MLP** in blocks of `MLP_CHUNK_ROWS` tokens (an MoE's divided by its experts per token) when no graph is being built: each token's MLP (or MoE
   routing) is its own, so the result is the same, and the [L, intermediate] activations (three of them, 22 GB
   at 200K tokens for DeepSeek-V3.2's 18432) shrink to one block's.
 
@@ -101,15 +101,22 @@ def _latent_kv(self: nn.Module, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> t
     return torch.cat([kv_nope, k_rot.to(kv_nope.dtype)], dim=-1), kv_nope
 
 
+def mlp_block_rows(mlp: nn.Module) -> int:
+    """Tokens per block of a decoder layer's MLP: `MLP_CHUNK_ROWS`, divided by the experts per token of an MoE,
+    whose routed copies ([block x experts per token, hidden], two of them in fp32) are its largest tensors."""
+    return MLP_CHUNK_ROWS // (mlp.config.num_experts_per_tok if hasattr(mlp, "experts") else 1)
+
+
 def _chunked_mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """`forward` of a decoder layer's MLP on the sparse forward: the class's own forward, a block of tokens at
     a time when no graph is being built (the frozen forward)."""
     forward = type(self).forward
-    if torch.is_grad_enabled() or hidden_states.shape[1] <= MLP_CHUNK_ROWS:
+    block = mlp_block_rows(self)
+    if torch.is_grad_enabled() or hidden_states.shape[1] <= block:
         return forward(self, hidden_states)
     output = torch.empty_like(hidden_states)
-    for start in range(0, hidden_states.shape[1], MLP_CHUNK_ROWS):
-        rows = slice(start, start + MLP_CHUNK_ROWS)
+    for start in range(0, hidden_states.shape[1], block):
+        rows = slice(start, start + block)
         output[:, rows] = forward(self, hidden_states[:, rows].contiguous())  # MoE layers view their input
     return output
 

@@ -75,7 +75,8 @@ def main() -> None:
                f"trainer.max_steps={args.steps}", "trainer.warmup_steps=1", f"trainer.save_every={args.steps}",
                "trainer.eval_batches=1", "distill.pattern=0.25", "distill.stage=schedule",
                f"distill.dense_steps={args.steps // 2}", "logger=disabled", f"output_dir={run}", "resume=null"]
-    subprocess.run(command, check=True)
+    # Under a cap, blocks freed between layers must be reusable by the next layer's differently sized ones.
+    subprocess.run(command, check=True, env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
