@@ -61,7 +61,7 @@ from indexcache_train.modeling import check_seq_len, load_model
 from indexcache_train.optim import warmup_cosine
 from indexcache_train.pattern import IndexCachePattern
 from indexcache_train.runtime import resolve_device, run_environment, seed_everything
-from indexcache_train.search import greedy_search
+from indexcache_train.pattern_search import greedy_search
 
 ROWS = {
     "a": "all-F",
