@@ -183,8 +183,9 @@ class IndexCachePattern:
 
     # ----------------------------------------------------------------------------------------- export
     def to_config_dict(self) -> dict[str, Any]:
-        """The config.json keys that transformers (`indexer_types`), SGLang (`index_topk_pattern`,
-        `index_topk_freq`, `index_skip_topk_offset`) and vLLM (`use_index_cache` plus the same keys) read."""
+        """The config.json keys that transformers (`indexer_types`), vLLM and SGLang (`index_topk_pattern`,
+        else `index_topk_freq` / `index_skip_topk_offset`; SGLang `indexer_types` first) read, and
+        `use_index_cache`, which other engines gate on (README, "Loading an export")."""
         keys: dict[str, Any] = {
             "index_topk_pattern": self.layers,
             "indexer_types": [_INDEXER_TYPES[c] for c in self.layers],

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 from collections.abc import Iterable
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 
 
@@ -27,6 +29,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_environment(device: torch.device) -> dict:
+    """The versions and the device a run's figures were measured with, for its record."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": name}
 
 
 def init_distributed() -> tuple[int, int]:

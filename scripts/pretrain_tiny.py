@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shlex
 import sys
 import time
@@ -55,19 +54,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from indexcache_train.adapters import get_adapter
+from indexcache_train.benchmarking import synchronize
 from indexcache_train.data import build_dataloader, load_packed
 from indexcache_train.distill import IndexerDistillation
 from indexcache_train.files import write_text_atomically
 from indexcache_train.metrics import layer_recalls, lm_loss
 from indexcache_train.modeling import byte_tokenizer, tiny_config
 from indexcache_train.optim import warmup_cosine
-from indexcache_train.runtime import resolve_device
+from indexcache_train.runtime import resolve_device, run_environment, seed_everything
 
 MODEL_SIZES = {
     # ~7.3M parameters, 14.7 MB in bf16. MLA and indexer shapes scaled down from GLM-5 (hidden 6144, 64 heads,
@@ -87,7 +86,7 @@ SAVE_RESERVE_S = 15  # saving and the model card, after the last evaluation
 
 # ------------------------------------------------------------------------------------------------ the model
 def build_model(size: str, context: int, index_topk: int, vocab_size: int, eos_id: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
+    seed_everything(seed)
     dims = MODEL_SIZES[size]
     config = tiny_config(
         "glm_moe_dsa", **dims, vocab_size=vocab_size, max_position_embeddings=context, index_topk=index_topk,
@@ -263,11 +262,11 @@ def seconds_per_step(phase: Phase, model: nn.Module, batch: torch.Tensor, args: 
     with phase.attention(scratch):
         for _ in range(2):
             step(batch)
-        _synchronize(batch.device)
+        synchronize()
         started = time.perf_counter()
         for _ in range(3):
             step(batch)
-        _synchronize(batch.device)
+        synchronize()
     return (time.perf_counter() - started) / 3
 
 
@@ -280,11 +279,6 @@ def plan_steps(step_seconds: dict[str, float] | None, training_seconds: float, a
     if args.max_steps_per_phase:
         steps = {name: min(count, args.max_steps_per_phase) for name, count in steps.items()}
     return steps
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -359,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": _command(sys.argv if argv is None else ["scripts/pretrain_tiny.py", *argv]),
         "rerun_command": _command(_rerun_argv(argv, steps)),
         "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
-        "environment": _environment(args.device),
+        "environment": run_environment(args.device),
         "model": {"parameters": num_params, "indexer_parameters": sum(p.numel() for p in indexer_parameters(model)),
                   "size": args.model_size, **MODEL_SIZES[args.model_size], "index_topk": args.index_topk,
                   "context": args.context},
@@ -398,7 +392,7 @@ def rescore(out: Path, args: argparse.Namespace) -> dict:
     model.to(args.device).eval()
     validation, val_batches = validation_batches(AutoTokenizer.from_pretrained(out), args)
     summary["rescored"] = {"command": _command(["scripts/pretrain_tiny.py", *sys.argv[1:]]),
-                           "environment": _environment(args.device), "validation_sequences": len(validation),
+                           "environment": run_environment(args.device), "validation_sequences": len(validation),
                            "validation": validate(model, val_batches)}
     print(f"rescored: {describe(summary['rescored']['validation'])}")
     write_text_atomically(summary_path, json.dumps(summary, indent=2))
@@ -453,12 +447,6 @@ def _rerun_argv(argv: list[str] | None, steps: dict[str, int]) -> list[str]:
         else:
             kept.append(arg)
     return ["scripts/pretrain_tiny.py", *kept, "--steps", *map(str, steps.values())]
-
-
-def _environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": name}
 
 
 def model_card(summary: dict) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -49,7 +48,6 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -62,8 +60,8 @@ from indexcache_train.metrics import layer_recalls, lm_loss
 from indexcache_train.modeling import check_seq_len, load_model
 from indexcache_train.optim import warmup_cosine
 from indexcache_train.pattern import IndexCachePattern
-from indexcache_train.runtime import resolve_device
-from indexcache_train.search import greedy_search
+from indexcache_train.runtime import resolve_device, run_environment, seed_everything
+from indexcache_train.pattern_search import greedy_search
 
 ROWS = {
     "a": "all-F",
@@ -157,7 +155,7 @@ def distilled_row(args, pattern: IndexCachePattern, train_pattern: IndexCachePat
                   val_batches, desc: str) -> dict:
     """Reload the model, distil the F indexers of `pattern` under `train_pattern`, measure with `pattern`."""
     model = fresh_model(args)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     batches = iter(build_dataloader(train_data, args.batch_size, seed=args.seed, infinite=True))
     training = distill(model, train_pattern, pattern.full_layers, batches, args, desc)
     row = measure(model, pattern, val_batches)
@@ -239,8 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = {
             "command": command(argv),
             "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "transformers": transformers.__version__, "device": device_name(args.device)},
+            "environment": run_environment(args.device),
             "model": {"path": args.model, "num_layers": num_layers, "index_topk": config.index_topk,
                       "parameters": num_params},
             "data": {"seq_len": seq_len, "validation_sequences": sum(b.shape[0] for b in val_batches),
@@ -324,10 +321,6 @@ All our figures, per layer too, with the search steps and the distillation curve
 def command(argv: list[str] | None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     return "python " + shlex.join(["scripts/reproduce_table.py", *argv])
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

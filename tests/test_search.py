@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import build_tiny
 
-from indexcache_train import search
+from indexcache_train import pattern_search
 from indexcache_train.adapters import apply_indexcache
 from indexcache_train.pattern import IndexCachePattern
-from indexcache_train.search import DecoderStack, cost_report, greedy_search, nested_patterns, score_candidates
+from indexcache_train.pattern_search import DecoderStack, cost_report, greedy_search, nested_patterns, score_candidates
 
 
 def calibration(num_batches=2, seq_len=24):
@@ -86,7 +86,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch, c
     model, batches = build_tiny(num_hidden_layers=6), calibration()
     uninterrupted = greedy_search(model, batches, num_full=2)
 
-    path, save_state, saves = tmp_path / "search.json", search.save_state, []
+    path, save_state, saves = tmp_path / "search.json", pattern_search.save_state, []
 
     def killed_after_two_steps(state, path, **extra):
         if len(saves) == 2:
@@ -94,10 +94,10 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch, c
         save_state(state, path, **extra)
         saves.append(len(state.steps))
 
-    monkeypatch.setattr(search, "save_state", killed_after_two_steps)
+    monkeypatch.setattr(pattern_search, "save_state", killed_after_two_steps)
     with pytest.raises(KeyboardInterrupt):
         greedy_search(model, batches, num_full=2, state_path=path)
-    monkeypatch.setattr(search, "save_state", save_state)
+    monkeypatch.setattr(pattern_search, "save_state", save_state)
     assert len(json.loads(path.read_text())["steps"]) == 2
     assert not path.with_name("search.json.tmp").exists()
 
