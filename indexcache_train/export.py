@@ -273,7 +273,8 @@ def render_model_card(pattern: IndexCachePattern, architecture: str, facts: dict
                   "from indexcache_train import IndexCachePattern, apply_indexcache", "",
                   'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
                   "apply_indexcache(model, IndexCachePattern.from_config(model.config))", "```"]
-    lines += ["", "vLLM and SGLang read `index_topk_pattern` and `use_index_cache` from `config.json` directly.", ""]
+    lines += ["", "vLLM and SGLang read `index_topk_pattern` from `config.json` directly (`index_topk_freq` and "
+              "`index_skip_topk_offset` when it is absent).", ""]
     return "\n".join(lines)
 
 
