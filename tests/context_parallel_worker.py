@@ -9,7 +9,7 @@ import torch.distributed as dist
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # conftest's build_tiny
 from conftest import build_tiny  # noqa: E402
 
-from indexcache_train import use_sparse_forward  # noqa: E402
+from indexcache_train import distill, sparse_forward, use_sparse_forward  # noqa: E402
 from indexcache_train.capture import capture_topk  # noqa: E402
 from indexcache_train.context_parallel import ContextParallel, gather_sequence  # noqa: E402
 from indexcache_train.distill import IndexerDistillation  # noqa: E402
@@ -42,6 +42,8 @@ def step(model_type: str, input_ids: torch.Tensor, context_parallel):
 def main(output: str, model_type: str, *lengths: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
+    # Small blocks of attention and teacher rows, so that blocks start inside a rank's chunks and cross them.
+    sparse_forward.ATTENTION_CHUNK_ROWS, distill.TEACHER_BLOCK_ROWS = 3, 4
     results = {}
     for length in map(int, lengths):
         input_ids = torch.randint(0, 257, (2, length), generator=torch.Generator().manual_seed(length))
