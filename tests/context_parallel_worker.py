@@ -39,12 +39,31 @@ def step(model_type: str, input_ids: torch.Tensor, context_parallel):
     return {"loss": loss.detach(), "metrics": metrics, "grads": grads, "topk": topk}
 
 
+def refused() -> list[str]:
+    """The setups that context parallelism refuses, each with its error."""
+    errors = []
+    model = build_tiny(initializer_range=0.2)
+    for stage, sparse in (("dense", True), ("sparse", False)):
+        try:
+            IndexerDistillation(use_sparse_forward(model, sparse), "FSSF", stage=stage,
+                                context_parallel=ContextParallel())
+        except ValueError as error:
+            errors.append(str(error))
+    distillation = IndexerDistillation(use_sparse_forward(model), "FSSF", stage="sparse",
+                                       context_parallel=ContextParallel())
+    try:  # fewer tokens than chunks
+        distillation(torch.zeros(1, 2 * dist.get_world_size() - 1, dtype=torch.long))
+    except ValueError as error:
+        errors.append(str(error))
+    return errors
+
+
 def main(output: str, model_type: str, *lengths: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     # Small blocks of attention and teacher rows, so that blocks start inside a rank's chunks and cross them.
     sparse_forward.ATTENTION_CHUNK_ROWS, distill.TEACHER_BLOCK_ROWS = 3, 4
-    results = {}
+    results = {"refused": refused()}
     for length in map(int, lengths):
         input_ids = torch.randint(0, 257, (2, length), generator=torch.Generator().manual_seed(length))
         results[length] = {"one_rank": step(model_type, input_ids, None),

@@ -46,6 +46,8 @@ def test_context_parallel_step_equals_one_rank(tmp_path, nproc, model_type, leng
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in range(nproc):
         results = torch.load(f"{output}.rank{rank}.pt")
+        refused = results.pop("refused")
+        assert len(refused) == 3 and all("sparse forward" in e for e in refused[:2]) and "shorter" in refused[2]
         assert sorted(results) == sorted(map(int, lengths))
         for length, runs in results.items():
             one, split = runs["one_rank"], runs["context_parallel"]
