@@ -28,6 +28,7 @@ from torch import nn
 
 from .adapters import apply_indexcache, current_pattern, get_adapter
 from .capture import AttentionCall, attention_taps
+from .context_parallel import ContextParallel, SequenceLayout, gather_sequence
 from .kernels import IndexerKLLoss
 from .metrics import valid_selection
 from .pattern import IndexCachePattern
@@ -66,12 +67,21 @@ class IndexerDistillation(nn.Module):
     """
 
     def __init__(self, model: nn.Module, pattern: IndexCachePattern | str | float, *, stage: str = "dense",
-                 kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto"):
+                 kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto",
+                 context_parallel: ContextParallel | None = None):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"Unknown distillation stage {stage!r}; choose from {STAGES}.")
         if teacher_form not in TEACHER_FORMS:
             raise ValueError(f"Unknown teacher form {teacher_form!r}; choose from {TEACHER_FORMS}.")
+        if context_parallel is not None and context_parallel.size > 1:
+            if stage != "sparse" or not uses_sparse_forward(model) or teacher_form == "expanded":
+                raise ValueError("Context parallelism runs the sparse stage on the sparse forward, with the "
+                                 "absorbed teacher.")
+            recall_rows = 0  # the sampled recall takes the last rows of the sequence on one rank
+        else:
+            context_parallel = None
+        self.context_parallel = context_parallel
         self.model = apply_indexcache(model, pattern)
         self.adapter = get_adapter(model)
         self.pattern = current_pattern(model)
@@ -118,6 +128,17 @@ class IndexerDistillation(nn.Module):
         return counts
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and metrics of a batch of sequences. Context parallel, every rank of the group passes the
+        whole `input_ids` and runs its zig-zag share of each sequence: the loss returned is this rank's
+        share (the group's shares and their gradients sum to the one-rank loss and gradients); the metrics
+        are the whole sequence's, summed over the group."""
+        if self.context_parallel is None:
+            return self._forward(input_ids, None)
+        with self.context_parallel.activate(input_ids.shape[1]) as layout:
+            loss, metrics = self._forward(input_ids, layout)
+        return loss, {name: self.context_parallel.all_reduce_sum(value) for name, value in metrics.items()}
+
+    def _forward(self, input_ids: torch.Tensor, layout: SequenceLayout | None):
         groups: dict[int, IndexerKLLoss] = {}
         metrics: dict[str, torch.Tensor] = {}
         sparse = self.stage == "sparse"
@@ -128,12 +149,19 @@ class IndexerDistillation(nn.Module):
             with torch.set_grad_enabled(wants_grad):
                 projections = self.adapter.indexer_projections(indexer, hidden_states.detach(), q_resid.detach(),
                                                                position_embeddings)
+                key, topk, total_rows = projections.key, causal_topk(output) if sparse else None, None
+                if layout is not None:
+                    # The group's keys, whose gradients go back to their ranks; the fused indexer's top-k
+                    # holds global positions, -1 in its empty slots.
+                    key = gather_sequence(key, layout)
+                    topk, total_rows = output.to(torch.int32), key.shape[0] * key.shape[1]
             layer = indexer.layer_idx
             groups[layer] = IndexerKLLoss(
-                projections.query, projections.key, projections.weights,
+                projections.query, key, projections.weights,
                 num_layers=1 + len(self.pattern.groups[layer]),
-                topk_indices=causal_topk(output) if sparse else None, backend=self.kl_backend,
+                topk_indices=topk, backend=self.kl_backend,
                 check_indices=False,  # causal_topk leaves only keys s <= t, or -1
+                total_rows=total_rows,
             )
 
         native_absorbed = None
@@ -151,7 +179,13 @@ class IndexerDistillation(nn.Module):
         try:
             with torch.no_grad(), attention_taps(self.model, add_layer), native_absorbed or contextlib.nullcontext():
                 # The inner model runs every layer; the LM head's logits are not needed.
-                getattr(self.model, "model", self.model)(input_ids=input_ids, use_cache=False)
+                inner = getattr(self.model, "model", self.model)
+                if layout is None:
+                    inner(input_ids=input_ids, use_cache=False)
+                else:  # this rank's tokens at their own positions, so that RoPE is the one-rank run's
+                    positions = layout.positions(input_ids.device)
+                    inner(input_ids=layout.shard(input_ids), position_ids=positions.expand(input_ids.shape[0], -1),
+                          use_cache=False)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -24,7 +24,9 @@ scores [B, L, H_I, L]. `use_sparse_forward(model)` switches a model, in place, t
   at 200K tokens for DeepSeek-V3.2's 18432) shrink to one block's.
 
 Attention taps (`capture.attention_taps`) see every layer's query and latent key (`AttentionCall.latent`);
-`AttentionCall.score_operands` gives the absorbed query that scores against it. `use_sparse_forward(model,
+`AttentionCall.score_operands` gives the absorbed query that scores against it. Within
+`ContextParallel.activate` (`context_parallel.py`) the attention and the indexers gather their keys over the
+CP group and run each local chunk of queries at its offset in the sequence. `use_sparse_forward(model,
 enabled=False)` restores transformers' native path; `apply_indexcache` works the same on both.
 """
 
@@ -39,6 +41,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .adapters import ADAPTERS, get_adapter
 from .capture import TAPPING_IMPLEMENTATIONS, AttentionCall, run_taps
+from .context_parallel import active_layout, gather_sequence
 from .kernels import indexer_topk, sparse_mla_attention
 from .runtime import zero3_gathered
 from .teacher import absorbed_query
@@ -60,19 +63,27 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
     batch, heads, seq_len, _ = query.shape
     lora, nope = module.kv_lora_rank, module.qk_nope_head_dim
     latent = key[:, 0]  # [B, T, kv_lora + rope]
-    query_start = latent.shape[1] - seq_len  # > 0 when a cache holds earlier tokens
+    layout = active_layout()
+    if layout is not None:  # context parallel: the group's latent keys, in sequence order
+        latent = gather_sequence(latent, layout)
+        key = latent.unsqueeze(1)
+        segments = [(s.local_start, s.global_start, s.length) for s in layout.segments]
+    else:
+        segments = [(0, latent.shape[1] - seq_len, seq_len)]  # a global offset > 0 when a cache holds earlier tokens
     weight = module.kv_b_proj.weight
     with zero3_gathered([weight]):  # expand_kv no longer runs kv_b_proj, so ZeRO-3 does not gather it for us
         w_v = weight.view(heads, nope + module.v_head_dim, lora)[:, nope:]  # [H, v, kv_lora]
         output = query.new_empty(batch, seq_len, heads, module.v_head_dim)
         lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=query.device)
-        for start in range(0, seq_len, ATTENTION_CHUNK_ROWS):
-            rows = slice(start, start + ATTENTION_CHUNK_ROWS)
-            q_absorbed = absorbed_query(module, query, rows).transpose(1, 2)  # [B, n, H, kv_lora + rope]
-            latent_out, lse[:, rows] = sparse_mla_attention(q_absorbed, latent, indices[:, rows], scaling,
-                                                            value_dim=lora, query_start=query_start + start,
-                                                            return_lse=True)
-            output[:, rows] = torch.einsum("bthc,hvc->bthv", latent_out, w_v.to(latent_out.dtype))
+        for local_start, query_start, length in segments:
+            for start in range(local_start, local_start + length, ATTENTION_CHUNK_ROWS):
+                rows = slice(start, min(start + ATTENTION_CHUNK_ROWS, local_start + length))
+                q_absorbed = absorbed_query(module, query, rows).transpose(1, 2)  # [B, n, H, kv_lora + rope]
+                latent_out, lse[:, rows] = sparse_mla_attention(q_absorbed, latent, indices[:, rows], scaling,
+                                                                value_dim=lora,
+                                                                query_start=query_start + start - local_start,
+                                                                return_lse=True)
+                output[:, rows] = torch.einsum("bthc,hvc->bthv", latent_out, w_v.to(latent_out.dtype))
         # After the attention, so that the sparse KL can reuse its log-sum-exp; inside the gather, so that
         # the teacher's query folds find kv_b_proj whole instead of gathering it once per block.
         run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True,
@@ -128,12 +139,20 @@ def _fused_indexer_forward(self: nn.Module, hidden_states: torch.Tensor, q_resid
     """`forward` of an indexer on the sparse forward: the native signature and top-k, causal by position (-1
     in the slots of a row with fewer than k visible keys)."""
     query, key = ADAPTERS[self.config.model_type].indexer_qk(self, hidden_states, q_resid, position_embeddings)
+    layout = active_layout()
     if cache is not None:
+        if layout is not None:
+            raise ValueError("The context-parallel forward takes no KV cache.")
         key = cache.update_indexer(key, self.layer_idx)
     # relu(c x) = c relu(x) for c > 0: both scales go into the fp32 head weights, so q and k stay as computed.
     weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float()
     weights = weights * (self.n_heads**-0.5 * self.softmax_scale)
-    return indexer_topk(query, key, weights, self.index_topk, query_start=key.shape[1] - query.shape[1])
+    if layout is None:
+        return indexer_topk(query, key, weights, self.index_topk, query_start=key.shape[1] - query.shape[1])
+    key = gather_sequence(key, layout)  # context parallel: each local chunk ranks all L keys at its offset
+    rows = [slice(s.local_start, s.local_start + s.length) for s in layout.segments]
+    return torch.cat([indexer_topk(query[:, r], key, weights[:, r], self.index_topk, query_start=s.global_start)
+                      for r, s in zip(rows, layout.segments)], dim=1)
 
 
 def use_sparse_forward(model: nn.Module, enabled: bool = True) -> nn.Module:

@@ -52,16 +52,17 @@ def pick_backend(device: torch.device, backend: str | None = None) -> str:
     return backend
 
 
-def _check_index_tensors(index_q, index_k, index_weights) -> None:
+def _check_index_tensors(index_q, index_k, index_weights, num_keys: int | None = None) -> None:
     if index_q.dim() != 4 or index_k.dim() != 3 or index_weights.dim() != 3:
         raise ValueError(
             "Expected index_q [B, L, Hi, Di], index_k [B, L, Di] and index_weights [B, L, Hi]; got "
             f"{tuple(index_q.shape)}, {tuple(index_k.shape)} and {tuple(index_weights.shape)}."
         )
     batch, seq_len, heads, dim = index_q.shape
-    if index_k.shape != (batch, seq_len, dim) or index_weights.shape != (batch, seq_len, heads):
+    num_keys = seq_len if num_keys is None else num_keys
+    if index_k.shape != (batch, num_keys, dim) or index_weights.shape != (batch, seq_len, heads):
         raise ValueError(
-            f"index_k must be {(batch, seq_len, dim)} and index_weights {(batch, seq_len, heads)} to match "
+            f"index_k must be {(batch, num_keys, dim)} and index_weights {(batch, seq_len, heads)} to match "
             f"index_q {tuple(index_q.shape)}; got {tuple(index_k.shape)} and {tuple(index_weights.shape)}."
         )
     if seq_len == 0:
@@ -132,14 +133,23 @@ class IndexerKLLoss:
     In sparse mode a layer may also arrive in blocks of query rows, `add_layer(teacher_q_rows, teacher_k,
     scale, query_start=r0)` with teacher_q [B, H, n, D] for rows r0 .. r0 + n - 1 and all keys, so that a long
     sequence's teacher never exists whole; the layer is complete once all L rows have been added.
+
+    Context parallel (sparse mode): index_q and index_weights may hold a shard of the sequence's query rows
+    and index_k, the teacher keys and the top-k all T keys of the sequence; `total_rows` is then B * T, the
+    rows the mean is over, so that the shards' losses and gradients sum to the whole sequence's.
     """
 
     def __init__(self, index_q, index_k, index_weights, *, num_layers: int, topk_indices=None,
-                 backend: str | None = None, check_indices: bool = True):
-        _check_index_tensors(index_q, index_k, index_weights)
+                 backend: str | None = None, check_indices: bool = True, total_rows: int | None = None):
+        sharded = total_rows is not None
+        if sharded and topk_indices is None:
+            raise ValueError("A shard of the query rows (total_rows=) is for sparse mode only.")
+        _check_index_tensors(index_q, index_k, index_weights, index_k.shape[1] if sharded else None)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
         batch, seq_len = index_q.shape[:2]
+        if sharded:
+            check_indices = False  # its causal check takes the rows for the keys' first ones
         if topk_indices is not None and check_indices:  # the range check syncs with the device
             check_topk_indices(topk_indices, batch, seq_len)
         self.index_tensors = (index_q, index_k, index_weights)
@@ -148,7 +158,7 @@ class IndexerKLLoss:
         detached = [t.detach() for t in self.index_tensors]
         self.grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in detached]
         self.layer_losses: list[torch.Tensor] = []
-        self._rows = batch * seq_len
+        self._rows = batch * seq_len if total_rows is None else total_rows
         self._open_rows, self._open_total = 0, None  # a layer arriving in row blocks
 
     def add_layer(self, teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float,
@@ -170,7 +180,7 @@ class IndexerKLLoss:
             if query_start != self._open_rows or query_start + block > seq_len:
                 raise ValueError(f"Row block {query_start}..{query_start + block - 1} does not continue the "
                                  f"{self._open_rows} rows added so far of L = {seq_len}.")
-        _check_teacher(index_q[:, rows], teacher_q.unsqueeze(0), teacher_k.unsqueeze(0), num_keys=seq_len)
+        _check_teacher(index_q[:, rows], teacher_q.unsqueeze(0), teacher_k.unsqueeze(0), num_keys=index_k.shape[1])
         if teacher_lse is not None and (self.topk_indices is None or teacher_lse.shape != teacher_q.shape[:3]):
             raise ValueError(f"teacher_lse is for sparse mode and must be {tuple(teacher_q.shape[:3])} [B, H, n].")
         d_q, d_k, d_w = self.grads

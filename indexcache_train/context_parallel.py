@@ -1,0 +1,165 @@
+"""Context parallelism for the frozen sparse forward: the ranks of a CP group split one sequence.
+
+A sequence of L tokens is cut into 2N contiguous chunks for the N ranks of a group, and rank r holds chunks
+r and 2N-1-r (zig-zag), so that every rank's queries see about the same number of causal keys: a chunk near
+the start, cheap, with its mirror near the end, dear. Each rank runs the model on its own tokens with their
+own `position_ids`, so RoPE is that of the one-rank run; every token-wise part (norms, projections, MLP/MoE)
+is unchanged. Only the layers that mix tokens change, on the sparse forward (`sparse_forward.py`):
+
+- the attention all-gathers the MLA latent key [c_s, k_rope] (kv_lora + rope per token) of the group into
+  sequence order, and each local chunk's queries run the sparse MLA kernel at their global offset
+  (`query_start`), so the causal limits are the one-rank ones;
+- the indexer all-gathers its keys the same way and ranks each local chunk's queries against all L keys;
+  the top-k holds global positions;
+- the distillation (`IndexerDistillation(..., context_parallel=)`) gathers the indexer keys it recomputes
+  with gradients through `gather_sequence`, whose backward sums the keys' gradients over the group and hands
+  each rank those of its own tokens; the KL of the local query rows runs against the global keys and is
+  divided by the whole sequence's row count, so the sum of the ranks' losses (and of their indexer
+  gradients) is the one-rank loss (and gradients). Metrics are summed over the group.
+
+Only the sparse stage on the sparse forward supports it (the dense KL kernels take the queries as the first
+rows of the keys), and no KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def zigzag_ranges(seq_len: int, size: int) -> list[list[tuple[int, int]]]:
+    """For each of `size` ranks, its [start, end) token ranges: 2 * size near-equal contiguous chunks, rank r
+    taking chunks r and 2 * size - 1 - r. Needs seq_len >= 2 * size, so that no chunk is empty."""
+    if size < 1:
+        raise ValueError(f"The context-parallel size must be >= 1; got {size}.")
+    chunks = 2 * size
+    if seq_len < chunks:
+        raise ValueError(f"Context parallelism over {size} ranks cuts a sequence into {chunks} chunks; "
+                         f"L = {seq_len} is shorter.")
+    bounds = [seq_len * i // chunks for i in range(chunks + 1)]
+    return [[(bounds[r], bounds[r + 1]), (bounds[chunks - 1 - r], bounds[chunks - r])] for r in range(size)]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of a rank's local tokens: local rows local_start .. local_start + length - 1 are the
+    sequence's positions global_start .. global_start + length - 1."""
+
+    local_start: int
+    global_start: int
+    length: int
+
+
+class SequenceLayout:
+    """Where one sequence of `seq_len` tokens lives on the ranks of a CP group (zig-zag)."""
+
+    def __init__(self, seq_len: int, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.seq_len = seq_len
+        self.ranges = zigzag_ranges(seq_len, self.size)
+        self.lengths = [sum(end - start for start, end in ranges) for ranges in self.ranges]
+        self.max_length = max(self.lengths)
+        self.segments: list[Segment] = []
+        offset = 0
+        for start, end in self.ranges[self.rank]:
+            self.segments.append(Segment(offset, start, end - start))
+            offset += end - start
+        # order[p] = where position p sits in the ranks' padded local blocks, concatenated.
+        order = torch.empty(seq_len, dtype=torch.long)
+        for rank, ranges in enumerate(self.ranges):
+            positions = torch.cat([torch.arange(start, end) for start, end in ranges])
+            order[positions] = rank * self.max_length + torch.arange(len(positions))
+        self.order = order
+
+    @property
+    def local_length(self) -> int:
+        return self.lengths[self.rank]
+
+    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This rank's token positions in the sequence, [local_length] int64."""
+        return torch.cat([torch.arange(start, end, device=device) for start, end in self.ranges[self.rank]])
+
+    def shard(self, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of a whole-sequence tensor (the sequence along `dim`)."""
+        return tokens.index_select(dim, self.positions(tokens.device))
+
+
+def gather_sequence(local: torch.Tensor, layout: SequenceLayout, dim: int = 1) -> torch.Tensor:
+    """The whole sequence, in order, from every rank's local tokens along `dim`. Differentiable: the gradient
+    of the result is summed over the group and each rank gets that of its own tokens."""
+    dim = dim % local.dim()
+    moved = local.movedim(dim, 0)
+    pad = layout.max_length - moved.shape[0]
+    if pad:
+        moved = torch.cat([moved, moved.new_zeros(pad, *moved.shape[1:])])
+    gathered = _GatherPadded.apply(moved.contiguous(), layout.group)  # [size * max_length, ...]
+    return gathered.index_select(0, layout.order.to(gathered.device)).movedim(0, dim)
+
+
+class _GatherPadded(torch.autograd.Function):
+    """All-gather of equal-sized blocks along dim 0; the backward is a reduce-scatter (all-reduce, then this
+    rank's block, on backends without reduce-scatter such as gloo)."""
+
+    @staticmethod
+    def forward(ctx, block: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        parts = [torch.empty_like(block) for _ in range(size)]
+        dist.all_gather(parts, block, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        grad = grad.contiguous()
+        rows = grad.shape[0] // size
+        if dist.get_backend(group) == dist.Backend.NCCL:
+            out = grad.new_empty(rows, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad, group=group)
+            return out, None
+        dist.all_reduce(grad, group=group)
+        return grad[rank * rows:(rank + 1) * rows].clone(), None
+
+
+class ContextParallel:
+    """A CP group (default: the whole world). `activate(seq_len)` lays a sequence out over it and, within the
+    block, makes the sparse forward's attention and indexers gather their keys over the group."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("Context parallelism needs torch.distributed to be initialised.")
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    @contextmanager
+    def activate(self, seq_len: int) -> Iterator[SequenceLayout]:
+        global _active
+        if _active is not None:
+            raise RuntimeError("A context-parallel layout is already active.")
+        _active = SequenceLayout(seq_len, self.group)
+        try:
+            yield _active
+        finally:
+            _active = None
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the group of a tensor (no gradient), as a new tensor."""
+        tensor = tensor.detach().clone()
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+
+_active: SequenceLayout | None = None
+
+
+def active_layout() -> SequenceLayout | None:
+    """The layout of the sequence now running context-parallel, or None."""
+    return _active

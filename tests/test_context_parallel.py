@@ -1,0 +1,64 @@
+"""Context parallelism (`context_parallel.py`): gloo groups of 2 and 4 CPU ranks split each sequence zig-zag
+and give the one-rank run's loss, metrics, indexer gradients and top-k, at odd lengths and with chunks
+shorter than the top-k."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from indexcache_train.context_parallel import zigzag_ranges
+
+WORKER = Path(__file__).parent / "context_parallel_worker.py"
+
+
+def test_zigzag_chunks_cover_the_sequence_and_balance_the_causal_load():
+    for seq_len, size in [(40, 2), (37, 4), (9, 4), (1000, 8)]:
+        ranges = zigzag_ranges(seq_len, size)
+        positions = sorted(p for rank in ranges for start, end in rank for p in range(start, end))
+        assert positions == list(range(seq_len))
+        assert all(end > start for rank in ranges for start, end in rank)
+        # Causal work of a rank: the keys its queries see. Zig-zag pairs a cheap chunk with a dear one.
+        work = [sum(p + 1 for start, end in rank for p in range(start, end)) for rank in ranges]
+        contiguous = [sum(p + 1 for p in range(seq_len * r // size, seq_len * (r + 1) // size)) for r in range(size)]
+        assert max(work) / min(work) < max(contiguous) / min(contiguous)
+        if seq_len >= 1000:
+            assert max(work) / min(work) < 1.02  # contiguous chunks: 15x
+    with pytest.raises(ValueError, match="shorter"):
+        zigzag_ranges(7, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, model_type, lengths", [
+    (2, "glm_moe_dsa", ["40", "37"]),  # chunks of 10 and an odd length
+    (2, "deepseek_v32", ["37"]),
+    (4, "glm_moe_dsa", ["37", "9"]),  # chunks of 4-5 and of 1-2 tokens, shorter than the top-k of 8
+])
+def test_context_parallel_step_equals_one_rank(tmp_path, nproc, model_type, lengths):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    output = tmp_path / "result"
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={29633 + nproc}", str(WORKER), str(output), model_type, *lengths]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(nproc):
+        results = torch.load(f"{output}.rank{rank}.pt")
+        refused = results.pop("refused")
+        assert len(refused) == 3 and all("sparse forward" in e for e in refused[:2]) and "shorter" in refused[2]
+        assert sorted(results) == sorted(map(int, lengths))
+        for length, runs in results.items():
+            one, split = runs["one_rank"], runs["context_parallel"]
+            torch.testing.assert_close(split["loss"], one["loss"], rtol=1e-5, atol=1e-7)
+            assert split["metrics"].keys() == one["metrics"].keys()
+            for name in one["metrics"]:
+                torch.testing.assert_close(split["metrics"][name], one["metrics"][name], rtol=1e-5, atol=1e-7)
+            assert split["grads"].keys() == one["grads"].keys()
+            for name in one["grads"]:
+                assert one["grads"][name].abs().max() > 0, name  # every trained tensor gets a gradient
+                torch.testing.assert_close(split["grads"][name], one["grads"][name], rtol=1e-4, atol=1e-7)
+            assert split["topk"].keys() == one["topk"].keys() and len(one["topk"]) == 4
+            for layer in one["topk"]:
+                assert torch.equal(split["topk"][layer], one["topk"][layer]), (length, layer)
