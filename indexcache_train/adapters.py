@@ -79,6 +79,8 @@ class DSAAdapter:
 
     model_type: str
     architecture: str
+    # False where pattern position j is not decoder layer j (then the attention taps translate `layer_idx`)
+    pattern_over_decoder_layers: bool = True
 
     # ----------------------------------------------------------------------------------------- structure
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -261,6 +263,7 @@ class Glm5NextAdapter(DSAAdapter):
 
     model_type = "glm5_next"
     architecture = "Glm5NextForConditionalGeneration"
+    pattern_over_decoder_layers = False
 
     def text_config(self, model: nn.Module):
         return getattr(model.config, "text_config", model.config)
@@ -317,14 +320,20 @@ class Glm5NextAdapter(DSAAdapter):
         for j, layer in enumerate(indexed):
             attention = decoder[layer].self_attn
             attention.skip_topk = not pattern.is_full(j)
-            attention.next_skip_topk = j + 1 < len(indexed) and not pattern.is_full(j + 1)
+            # Every indexed attention returns the top-k it used: an S one to pass it on, and all of them
+            # for `capture_topk` (the next indexed layer ignores it unless it is S).
+            attention.next_skip_topk = True
         for j, layer in enumerate(indexed[:-1]):
             if not pattern.is_full(j + 1):  # the linear layers up to the S layer relay its top-k
                 for between in range(layer + 1, indexed[j + 1]):
                     state.hooks.append(decoder[between].register_forward_hook(_relay_topk, with_kwargs=True))
 
     def selection_module(self, model, layer):
-        return self.attention(model, layer)
+        attention = self.attention(model, layer)
+        # The attention returns the top-k it used only with `next_skip_topk`; the layer after an indexed one
+        # is linear, or ignores it when F, so switching it on changes no computation.
+        attention.next_skip_topk = True
+        return attention
 
     def selection_from_output(self, output):
         return output[2]

@@ -135,3 +135,33 @@ def test_export_of_the_hybrid_layout_reloads_without_the_s_indexers(tmp_path, id
     assert not hasattr(reloaded.config, "indexer_types")  # only on the text config, over the decoder layers
     apply_indexcache(reloaded, current_pattern(reloaded))
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
+def test_capture_topk_sees_each_indexed_layer(ids):
+    from indexcache_train.capture import capture_topk
+
+    model = build(num_hidden_layers=12)
+    before = logits(model, ids)
+    with capture_topk(model) as topk:
+        assert torch.equal(logits(model, ids), before)
+    assert sorted(topk) == [0, 1, 2] and topk[0].shape == (2, 40, 8 + 4 - 1)  # top-k plus the visible tail
+    apply_indexcache(model, "FSF")
+    with capture_topk(model) as shared:
+        logits(model, ids)
+    assert torch.equal(shared[1], shared[0]) and torch.equal(shared[0], topk[0])
+
+
+def test_attention_tap_is_exact_in_pattern_positions(ids):
+    from indexcache_train.capture import attention_taps, capture_attention
+
+    model = apply_indexcache(build(), "FS")
+    before = logits(model, ids)
+    calls = []
+    with attention_taps(model, calls.append):
+        tapped = logits(model, ids)
+    assert torch.equal(tapped, before)
+    assert [c.layer for c in calls] == [0, 1] and calls[0].query.shape == (2, 2, 40, 8)
+    assert model.config._attn_implementation == "sdpa"
+    with capture_attention(model, layers=[1]) as probs, torch.no_grad():
+        model(input_ids=ids)
+    assert list(probs) == [1] and torch.allclose(probs[1].sum(-1), torch.ones(2, 40))
