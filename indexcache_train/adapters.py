@@ -257,8 +257,9 @@ class Glm5NextAdapter(DSAAdapter):
     forward then takes `prev_topk_indices`. Native sharing alone does not reach across the hybrid layout:
     `Glm5NextTextModel.forward` passes on only what the previous decoder layer returned, a linear layer
     returns None, and an S attention returns its top-k only if `next_skip_topk`, which is False on S layers.
-    So `_connect` sets `skip_topk` from the pattern, `next_skip_topk` on every indexed layer followed by an S
-    one, and a forward hook on each linear decoder layer after an F layer hands the incoming top-k on.
+    So `_connect` sets `skip_topk` from the pattern and `next_skip_topk` on every indexed layer (an F layer
+    ignores an incoming top-k), and a forward hook on each linear decoder layer before an S layer hands the
+    incoming top-k on.
     """
 
     model_type = "glm5_next"
