@@ -7,6 +7,9 @@ gradients for distillation:
 - `GlmMoeDsaForCausalLM` shares natively: an attention whose `indexer` is None reuses `prev_topk_indices`.
 - `DeepseekV32ForCausalLM` always calls its indexer, so an S layer's indexer is replaced by `SharedTopK`,
   a module without parameters that returns the top-k its F layer recorded in a `TopKRelay`.
+- `Glm5NextForConditionalGeneration` (hybrid KDA + indexed attention) numbers its pattern over the indexed
+  layers only, writes `text_config.indexer_types`, and relays the top-k across the linear layers
+  (see `Glm5NextAdapter`).
 
 Removed indexers are kept off the module tree (absent from `state_dict()` and `parameters()`), so a later
 `apply_indexcache` with another pattern can bring them back; that is what pattern search relies on.
@@ -76,6 +79,8 @@ class DSAAdapter:
 
     model_type: str
     architecture: str
+    # False where pattern position j is not decoder layer j (then the attention taps translate `layer_idx`)
+    pattern_over_decoder_layers: bool = True
 
     # ----------------------------------------------------------------------------------------- structure
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -126,12 +131,24 @@ class DSAAdapter:
         self._connect(model, pattern, state)
         state.pattern = pattern
         model._indexcache = state
+        self.write_config(model, pattern)
+
+    def write_config(self, model: nn.Module, pattern: IndexCachePattern) -> None:
+        """Put the pattern's keys on the config, so that `save_pretrained` writes them."""
         keys = pattern.to_config_dict()
         if "index_topk_freq" not in keys:  # a previous uniform schedule would contradict the new pattern
             for stale in ("index_topk_freq", "index_skip_topk_offset"):
                 if hasattr(model.config, stale):
                     delattr(model.config, stale)
         model.config.update(keys)
+
+    def export_config_keys(self, pattern: IndexCachePattern) -> dict:
+        """The keys an export writes on the top-level config."""
+        return pattern.to_config_dict()
+
+    def pattern_from_config(self, model: nn.Module) -> IndexCachePattern:
+        """The pattern the model's config declares (all F when it declares none)."""
+        return IndexCachePattern.from_config(model.config)
 
     def _check_has_indexers(self, model: nn.Module) -> None:
         if all(self.indexer(model, layer) is None for layer in range(self.num_layers(model))):
@@ -219,7 +236,119 @@ class DeepseekV32Adapter(DSAAdapter):
         return apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
 
 
-ADAPTERS: dict[str, DSAAdapter] = {a.model_type: a for a in (GlmMoeDsaAdapter(), DeepseekV32Adapter())}
+class Glm5NextAdapter(DSAAdapter):
+    """transformers' `Glm5NextForConditionalGeneration` (GLM-5.3-Flash), a hybrid: three of four decoder layers
+    are linear attention (KDA, no indexer), every fourth is `indexed_attention`, an MLA layer with a pooled DSA
+    indexer (it ranks pools of `index_kpool` keys and expands the kept pools to tokens).
+
+    Convention: an IndexCache pattern here is defined over the layers that own an indexer, the
+    `indexed_attention` layers in order, not over all decoder layers. Pattern position j is the j-th
+    indexed layer (decoder layer 4j+3 in the default layout), so "FS" on an 8-layer model keeps layer 3's
+    indexer and makes layer 7 reuse its top-k. `num_layers` and `attention(model, j)` follow it.
+
+    Config: the model's own `config.text_config.indexer_types` is written over all decoder layers, as
+    `Glm5NextTextConfig` defines it: an indexed layer gets "full"/"shared" from the pattern; a linear layer
+    gets the value of the next indexed layer (so the F layer before an S run has `next_skip_topk` natively).
+    `index_topk_pattern` (our key) holds the pattern over indexed layers; `pattern_from_config` reads it, else
+    `indexer_types` restricted to the indexed layers. The uniform `index_topk_freq`/`index_skip_topk_offset`
+    keys are not written: transformers reads them over all decoder layers.
+
+    Sharing: `Glm5NextTextAttention.__init__` builds no indexer where `indexer_types` is "shared", and its
+    forward then takes `prev_topk_indices`. Native sharing alone does not reach across the hybrid layout:
+    `Glm5NextTextModel.forward` passes on only what the previous decoder layer returned, a linear layer
+    returns None, and an S attention returns its top-k only if `next_skip_topk`, which is False on S layers.
+    So `_connect` sets `skip_topk` from the pattern and `next_skip_topk` on every indexed layer (an F layer
+    ignores an incoming top-k), and a forward hook on each linear decoder layer before an S layer hands the
+    incoming top-k on.
+    """
+
+    model_type = "glm5_next"
+    architecture = "Glm5NextForConditionalGeneration"
+    pattern_over_decoder_layers = False
+
+    def text_config(self, model: nn.Module):
+        return getattr(model.config, "text_config", model.config)
+
+    def layers(self, model):
+        inner = getattr(model, "model", model)
+        return getattr(inner, "language_model", inner).layers
+
+    def indexed_layers(self, model: nn.Module) -> list[int]:
+        """The decoder layers that own an indexer slot, in order: pattern position j is indexed_layers[j]."""
+        return [i for i, layer in enumerate(self.layers(model)) if layer.block_type != "linear_attention"]
+
+    def num_layers(self, model):
+        return len(self.indexed_layers(model))
+
+    def attention(self, model, layer):
+        return self.layers(model)[self.indexed_layers(model)[layer]].self_attn
+
+    def indexer_types(self, model: nn.Module, pattern: IndexCachePattern) -> list[str]:
+        """`indexer_types` over all decoder layers for a pattern over the indexed layers."""
+        decoder = self.layers(model)
+        kinds, following = [None] * len(decoder), "full"
+        position = {layer: j for j, layer in enumerate(self.indexed_layers(model))}
+        for i in reversed(range(len(decoder))):
+            if i in position:
+                following = "full" if pattern.is_full(position[i]) else "shared"
+            kinds[i] = following
+        return kinds
+
+    def write_config(self, model, pattern):
+        config = self.text_config(model)
+        for stale in ("index_topk_freq", "index_skip_topk_offset"):
+            if hasattr(config, stale):
+                delattr(config, stale)
+        config.update({"indexer_types": self.indexer_types(model, pattern), "index_topk_pattern": pattern.layers,
+                       "use_index_cache": bool(pattern.shared_layers)})
+
+    def export_config_keys(self, pattern):
+        return {}  # `write_config` has put them on the text config, over the decoder layers
+
+    def pattern_from_config(self, model):
+        config = self.text_config(model)
+        layers = getattr(config, "index_topk_pattern", None)
+        if layers is None:
+            kinds = getattr(config, "indexer_types", None) or []
+            layers = "".join("S" if kinds[i] == "shared" else "F" for i in self.indexed_layers(model)
+                             if i < len(kinds)) or None
+        if layers is None:
+            return IndexCachePattern.all_full(self.num_layers(model))
+        return IndexCachePattern.parse(layers, self.num_layers(model))
+
+    def _connect(self, model, pattern, state):
+        decoder, indexed = self.layers(model), self.indexed_layers(model)
+        for j, layer in enumerate(indexed):
+            attention = decoder[layer].self_attn
+            attention.skip_topk = not pattern.is_full(j)
+            # Every indexed attention returns the top-k it used: an S one to pass it on, and all of them
+            # for `capture_topk` (the next indexed layer ignores it unless it is S).
+            attention.next_skip_topk = True
+        for j, layer in enumerate(indexed[:-1]):
+            if not pattern.is_full(j + 1):  # the linear layers up to the S layer relay its top-k
+                for between in range(layer + 1, indexed[j + 1]):
+                    state.hooks.append(decoder[between].register_forward_hook(_relay_topk, with_kwargs=True))
+
+    def selection_module(self, model, layer):
+        attention = self.attention(model, layer)
+        # The attention returns the top-k it used only with `next_skip_topk`; the layer after an indexed one
+        # is linear, or ignores it when F, so switching it on changes no computation.
+        attention.next_skip_topk = True
+        return attention
+
+    def selection_from_output(self, output):
+        return output[2]
+
+
+def _relay_topk(module: nn.Module, args, kwargs, output):
+    """A linear decoder layer returns no top-k; hand on the one it was given, as an indexed layer would."""
+    hidden_states, topk_indices = output
+    return (hidden_states, kwargs.get("prev_topk_indices")) if topk_indices is None else output
+
+
+ADAPTERS: dict[str, DSAAdapter] = {
+    a.model_type: a for a in (GlmMoeDsaAdapter(), DeepseekV32Adapter(), Glm5NextAdapter())
+}
 
 
 def get_adapter(model: nn.Module) -> DSAAdapter:
@@ -251,4 +380,7 @@ def apply_indexcache(model: nn.Module, pattern: IndexCachePattern | str | float)
 def current_pattern(model: nn.Module) -> IndexCachePattern:
     """The pattern a model runs with: the one applied, else the one its config declares."""
     state = getattr(model, "_indexcache", None)
-    return state.pattern if state is not None else IndexCachePattern.from_config(model.config)
+    if state is not None:
+        return state.pattern
+    adapter = ADAPTERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return adapter.pattern_from_config(model) if adapter is not None else IndexCachePattern.from_config(model.config)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .adapters import get_adapter
+from .adapters import ADAPTERS, get_adapter
 from .teacher import absorbed_query
 
 TAP_ATTENTION = "indexcache_tap"
@@ -31,7 +32,8 @@ TAPPING_IMPLEMENTATIONS = {TAP_ATTENTION}
 class AttentionCall:
     """What one layer's attention sees: query [B, H, L, nope + rope], key [B, H, T, nope + rope] (MLA
     expanded) or, with `latent`, the latent key [B, 1, T, kv_lora + rope] of the sparse forward; its scale;
-    the DSA selection [B, L, k] (entries outside [0, t] are padding); and on the sparse forward each head's
+    the DSA selection [B, L, k] (entries outside [0, t] are padding; None on Glm5Next, whose selection is
+    already folded into `attention_mask`: take it from `capture_topk`); and on the sparse forward each head's
     log-sum-exp over the selection, [B, H, L] fp32, as its attention kernel computed it."""
 
     layer: int
@@ -85,12 +87,27 @@ def attention_taps(model: torch.nn.Module, *taps: Callable[[AttentionCall], None
     previous = config._attn_implementation
     if previous not in TAPPING_IMPLEMENTATIONS:
         config._attn_implementation = TAP_ATTENTION
+    taps = _in_pattern_positions(model, taps)
     _taps.extend(taps)
     try:
         yield
     finally:
         del _taps[len(_taps) - len(taps):]
         config._attn_implementation = previous
+
+
+def _in_pattern_positions(model: torch.nn.Module, taps) -> tuple:
+    """On a model whose pattern does not run over every decoder layer (Glm5Next: the indexed layers only),
+    the taps see `call.layer` as the pattern position rather than the module's `layer_idx`."""
+    adapter = ADAPTERS.get(getattr(model.config, "model_type", None))
+    if adapter is None or adapter.pattern_over_decoder_layers:
+        return taps
+    positions = {id(adapter.attention(model, j)): j for j in range(adapter.num_layers(model))}
+
+    def positioned(tap):
+        return lambda call: tap(dataclasses.replace(call, layer=positions.get(id(call.module), call.layer)))
+
+    return tuple(positioned(tap) for tap in taps)
 
 
 @contextmanager

@@ -98,7 +98,7 @@ def export_indexcache(model: nn.Module, output_dir: str | os.PathLike, *, base_p
                     _copy_base_shards(base_path, base_weights, staging, trained, dropped)
                 if base_path is not None:
                     _copy_base_files(base_path, staging)
-                _save_config(model.config, pattern, staging, base_path)
+                _save_config(model.config, pattern, staging, base_path, adapter.export_config_keys(pattern))
                 if tokenizer is not None:
                     tokenizer.save_pretrained(staging)
                 (staging / "README.md").write_text(render_model_card(pattern, adapter.architecture, model_card))
@@ -210,9 +210,10 @@ def _copy_base_files(base_path: Path, staging: Path) -> None:
             shutil.copy2(file, staging / file.name)
 
 
-def _save_config(config, pattern: IndexCachePattern, staging: Path, base_path: Path | None = None) -> None:
+def _save_config(config, pattern: IndexCachePattern, staging: Path, base_path: Path | None = None,
+                 keys: dict[str, Any] | None = None) -> None:
     config = copy.deepcopy(config)
-    keys = pattern.to_config_dict()
+    keys = pattern.to_config_dict() if keys is None else keys
     config.update(keys)
     base_config = base_path / "config.json" if base_path is not None else None
     if base_config is not None and base_config.is_file():
@@ -266,6 +267,15 @@ def render_model_card(pattern: IndexCachePattern, architecture: str, facts: dict
         lines += ["transformers builds the S layers without indexers from `config.json`:", "", "```python",
                   "from transformers import AutoModelForCausalLM", "",
                   'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")', "```"]
+    elif architecture == "Glm5NextForConditionalGeneration":
+        lines += [("The pattern runs over the `indexed_attention` layers, in order. transformers builds the S "
+                   "layers without indexers from `text_config.indexer_types`, but its forward hands a top-k on "
+                   "only to a directly following layer, not across the linear-attention layers; "
+                   "`apply_indexcache` relays it:"), "", "```python",
+                  "from transformers import Glm5NextForConditionalGeneration", "",
+                  "from indexcache_train.adapters import apply_indexcache, current_pattern", "",
+                  'model = Glm5NextForConditionalGeneration.from_pretrained("path/to/this/folder")',
+                  "apply_indexcache(model, current_pattern(model))", "```"]
     else:
         lines += [(f"transformers' {architecture} has no native sharing and re-creates the S-layer indexers at "
                    "random on load; `apply_indexcache` removes them and shares the top-k:"), "", "```python",
