@@ -81,6 +81,8 @@ class DSAAdapter:
     architecture: str
     # False where pattern position j is not decoder layer j (then the attention taps translate `layer_idx`)
     pattern_over_decoder_layers: bool = True
+    # False where `sparse_forward` does not cover the family's indexer yet (the native path serves it)
+    on_sparse_forward: bool = True
 
     # ----------------------------------------------------------------------------------------- structure
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -265,6 +267,7 @@ class Glm5NextAdapter(DSAAdapter):
     model_type = "glm5_next"
     architecture = "Glm5NextForConditionalGeneration"
     pattern_over_decoder_layers = False
+    on_sparse_forward = False  # its pooled indexer has no fused selection yet
 
     def text_config(self, model: nn.Module):
         return getattr(model.config, "text_config", model.config)

@@ -19,9 +19,10 @@ scores [B, L, H_I, L]. `use_sparse_forward(model)` switches a model, in place, t
   positions, so the "mask" costs no memory at any L;
 - **selection**: each indexer's forward computes sum_h w relu(q_h . k) in fp32 blocks and its top-k
   (`kernels.indexer_topk`), never [chunk, H_I, L];
-- **MLP** in blocks of `MLP_CHUNK_ROWS` tokens (an MoE's divided by its experts per token) when no graph is being built: each token's MLP (or MoE
-  routing) is its own, so the result is the same, and the [L, intermediate] activations (three of them, 22 GB
-  at 200K tokens for DeepSeek-V3.2's 18432) shrink to one block's.
+- **MLP** in blocks of `MLP_CHUNK_ROWS` tokens (divided by the experts per token for an MoE) when no graph is
+  being built: each token's MLP (or MoE routing) is its own, so the result is the same, and the
+  [L, intermediate] activations (three of them, 22 GB at 200K tokens for DeepSeek-V3.2's 18432) shrink to one
+  block's.
 
 Attention taps (`capture.attention_taps`) see every layer's query and latent key (`AttentionCall.latent`);
 `AttentionCall.score_operands` gives the absorbed query that scores against it. Within
@@ -161,6 +162,9 @@ def use_sparse_forward(model: nn.Module, enabled: bool = True) -> nn.Module:
     as Liger-Kernel patches modules: parameters and `state_dict()` keys stay as they are. Indexers that an
     IndexCache pattern keeps aside are switched too, so they come back the same way."""
     adapter = get_adapter(model)
+    if enabled and not adapter.on_sparse_forward:
+        raise ValueError(f"The sparse forward does not cover {adapter.architecture}'s indexer yet; run it on "
+                         "transformers' native path with model.attn_implementation=sdpa.")
     for layer in range(adapter.num_layers(model)):
         attention = adapter.attention(model, layer)
         if not hasattr(attention, "kv_b_proj"):

@@ -165,3 +165,10 @@ def test_attention_tap_is_exact_in_pattern_positions(ids):
     with capture_attention(model, layers=[1]) as probs, torch.no_grad():
         model(input_ids=ids)
     assert list(probs) == [1] and torch.allclose(probs[1].sum(-1), torch.ones(2, 40))
+
+
+def test_the_sparse_forward_refuses_it_with_the_native_route():
+    from indexcache_train.sparse_forward import use_sparse_forward
+
+    with pytest.raises(ValueError, match="attn_implementation=sdpa"):
+        use_sparse_forward(build())
