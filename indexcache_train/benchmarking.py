@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .files import write_text_atomically
+from .runtime import run_environment
 
 GIB = 1024**3
 
@@ -85,7 +86,7 @@ def write_results(out: str | Path, name: str, rows: list[dict], table: str, **me
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join(sys.argv)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    record = {"command": command, "device": device, "torch": torch.__version__, **meta, "rows": rows}
+    environment = run_environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    record = {"command": command, **environment, **meta, "rows": rows}
     write_text_atomically(out / f"{name}.json", json.dumps(record, indent=1) + "\n")
-    write_text_atomically(out / f"{name}.md", f"Command: `{command}` ({device})\n\n{table}\n")
+    write_text_atomically(out / f"{name}.md", f"Command: `{command}` ({environment['device']})\n\n{table}\n")

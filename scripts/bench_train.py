@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -50,6 +49,7 @@ from indexcache_train.adapters import apply_indexcache, current_pattern, get_ada
 from indexcache_train.distill import IndexerDistillation, causal_topk
 from indexcache_train.kernels.reference import student_logits, support_mask
 from indexcache_train.modeling import tiny_config
+from indexcache_train.runtime import run_environment
 
 GIB = 1024**3
 PATTERN = 0.25  # uniform 1/4: FSSS per group
@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": shlex.join(["python", "scripts/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": describe(model), "pattern": str(current_pattern(model)), "steps": args.steps,
-        "warmup": args.warmup, "torch": torch.__version__, "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "loss_check": None, "results": [],
+        "warmup": args.warmup, **run_environment(device), "loss_check": None, "results": [],
     }
     print(f"{report['model']}\n{report['device']}, pattern {report['pattern']}", flush=True)
 
