@@ -149,11 +149,12 @@ class IndexerDistillation(nn.Module):
             with torch.set_grad_enabled(wants_grad):
                 projections = self.adapter.indexer_projections(indexer, hidden_states.detach(), q_resid.detach(),
                                                                position_embeddings)
-                key, topk, total_rows = projections.key, causal_topk(output) if sparse else None, None
-                if layout is not None:
+                if layout is None:
+                    key, topk, total_rows = projections.key, causal_topk(output) if sparse else None, None
+                else:
                     # The group's keys, whose gradients go back to their ranks; the fused indexer's top-k
                     # holds global positions, -1 in its empty slots.
-                    key = gather_sequence(key, layout)
+                    key = gather_sequence(projections.key, layout)
                     topk, total_rows = output.to(torch.int32), key.shape[0] * key.shape[1]
             layer = indexer.layer_idx
             groups[layer] = IndexerKLLoss(
