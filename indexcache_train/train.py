@@ -11,13 +11,15 @@
   and a warm-up + cosine schedule; resume from a checkpoint when asked;
 - **the loop**: `train_step` (one frozen forward and `engine.backward` per micro-batch), logging, and a
   checkpoint every `trainer.save_every` steps, each holding only the trainable tensors and written atomically;
-  a non-finite loss stops the run before it touches the weights;
+  a non-finite loss stops the run before it touches the weights; `trainer.memory_report_step` traces one
+  step's memory and writes what is alive at its peak, by line of code (`memory_report.py`);
 - **the end**: the final checkpoint, the after-evaluation, `${output_dir}/export` (a Hugging Face folder with
   the pattern in its config), and the before/after table, printed last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,6 +38,7 @@ from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
 from .export import export_indexcache
 from .files import write_text_atomically
+from .memory_report import MemoryTrace, format_report
 from .metrics import lm_loss
 from .modeling import LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype
 from .optim import warmup_cosine
@@ -77,6 +80,10 @@ def check_run_config(cfg: DictConfig, model_config) -> None:
         ("data.batch_size", cfg.data.batch_size, cfg.data.batch_size >= 1, "at least 1"),
         ("distill.dense_steps", cfg.distill.dense_steps, cfg.distill.dense_steps >= 0, "at least 0"),
     ]
+    report_step = trainer.memory_report_step
+    if report_step is not None:
+        checks.append(("trainer.memory_report_step", report_step, 1 <= report_step <= trainer.max_steps,
+                       f"a step from 1 to trainer.max_steps ({trainer.max_steps}), or null"))
     for key, value, ok, wanted in checks:
         if not ok:
             raise ValueError(f"{key}={value} is invalid: it must be {wanted}.")
@@ -218,6 +225,8 @@ def train(cfg: DictConfig) -> dict:
         torch.cuda.set_device(device)
     model_config = load_model_config(cfg.model)
     check_run_config(cfg, model_config)
+    if cfg.trainer.memory_report_step is not None and device.type != "cuda":
+        raise ValueError("trainer.memory_report_step traces CUDA memory; this run is on the CPU.")
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resume_path(cfg.resume, output_dir)
@@ -282,8 +291,12 @@ def train(cfg: DictConfig) -> dict:
         started = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        record = train_step(engine, batches, cfg, device, trainable, step, last_saved)
+        traced = step + 1 == cfg.trainer.memory_report_step
+        with MemoryTrace(device) if traced else contextlib.nullcontext() as trace:
+            record = train_step(engine, batches, cfg, device, trainable, step, last_saved)
         step += 1
+        if traced:
+            _write_memory_report(trace.report(), output_dir, rank)
         tracker.log({"step": step, "stage": distillation.stage, **record, "lr": engine.get_lr()[0],
                      "tokens_per_s": tokens_per_step / (time.perf_counter() - started),
                      "peak_memory_gib": _peak_memory_gib(device)})
@@ -310,6 +323,12 @@ def train(cfg: DictConfig) -> dict:
     if rank == 0 and before:  # last, so that wandb's summary does not push it off the screen
         print(format_before_after(before, after, summary["pattern"]))
     return summary
+
+
+def _write_memory_report(report: dict, output_dir: Path, rank: int) -> None:
+    write_text_atomically(output_dir / f"memory_report_rank{rank}.json", json.dumps(report, indent=2))
+    if rank == 0:
+        tqdm.write(format_report(report))
 
 
 def _read_json(path: Path) -> dict:
