@@ -108,6 +108,7 @@ class IndexerDistillation(nn.Module):
             query, key = call.score_operands(rows)
             layer_loss = kl.add_layer(query, key, call.scaling, query_start=start,
                                       teacher_lse=call.lse[:, :, rows])
+            del query  # before the next block is folded: one block alive, not two
         return layer_loss
 
     @property

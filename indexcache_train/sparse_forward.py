@@ -90,6 +90,7 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
                                                                 query_start=query_start + start - local_start,
                                                                 return_lse=True)
                 output[:, rows] = torch.einsum("bthc,hvc->bthv", latent_out, w_v.to(latent_out.dtype))
+                del q_absorbed, latent_out  # before the next block's: one block alive, not two
         # After the attention, so that the sparse KL can reuse its log-sum-exp; inside the gather, so that
         # the teacher's query folds find kv_b_proj whole instead of gathering it once per block.
         run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True,
