@@ -245,10 +245,11 @@ def _dense_loss_kernel(
     KSPLIT, KV_SHARED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
 ):
-    """Pass B over the chunk's rows [t0, t1) (key positions Q0 + t0 ..). Grid (KSPLIT, query blocks of the chunk, B). For one tile the
-    head mean p needs every teacher head before the (non-linear) loss can be taken, so the G*H heads are the
-    inner loop (q_h and, unless Hk = 1, k_h stream through it) and the [BM, BN] p accumulator stays in
-    registers. With Hk = 1 the key tile is loaded once per layer and shared by all heads."""
+    """Pass B over the chunk's rows [t0, t1), at key positions Q0 + t0 .. Q0 + t1 - 1. Grid (KSPLIT, query
+    blocks of the chunk, B). For one tile the head mean p needs every teacher head before the (non-linear) loss
+    can be taken, so the G*H heads are the inner loop (q_h and, unless Hk = 1, k_h stream through it) and the
+    [BM, BN] p accumulator stays in registers. With Hk = 1 the key tile is loaded once per layer and shared by
+    all heads."""
     split = tl.program_id(0)
     qb = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # 64-bit address arithmetic (tensors beyond 2^31 elements)
@@ -637,9 +638,9 @@ def dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, t
     path)."""
     num_rows, num_keys = index_q.shape[1], index_k.shape[1]
     if not isinstance(query_start, int) or query_start < 0 or query_start + num_rows > num_keys:
-        raise ValueError(f"query_start={query_start!r} must be an int with 0 <= query_start and query_start + L <= T: "
-                         f"the L={num_rows} query rows sit at positions query_start .. query_start + L - 1 of the "
-                         f"T={num_keys} keys.")
+        raise ValueError(f"query_start={query_start!r} must be an int with 0 <= query_start and query_start + L "
+                         f"<= T: the L={num_rows} query rows sit at positions query_start .. query_start + L - 1 "
+                         f"of the T={num_keys} keys.")
     with torch.no_grad():
         fn = _dense_kl_triton if use_triton else _dense_kl_torch
         return fn(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, grad_scale, d_index_q,
