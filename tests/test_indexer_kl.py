@@ -64,12 +64,12 @@ def test_layer_by_layer_form_has_the_same_gradient(sparse):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("sparse", [False, True])
+# The dense Triton kernels at a row offset are tested in tests/test_kernels_dense.py.
+@pytest.mark.parametrize("backend, sparse", [("torch", False), ("torch", True), ("triton", True)])
 def test_shards_of_the_query_rows_sum_to_the_whole(backend, sparse):
     """Context parallel: each shard of query rows (here two zig-zag-like ones) against all keys, total_rows the
-    whole's, each run of positions added as a block at its position; the shards' losses and gradients sum to
-    the one-shard ones."""
+    whole's (in dense mode each run of positions added as a block at its position); the shards' losses and
+    gradients sum to the one-shard ones."""
     index, tq, tk = make_inputs(groups=2)
     topk = random_topk(2, 37, 8) if sparse else None
     whole = IndexerKLLoss(*index, num_layers=2, topk_indices=topk, backend=backend)
@@ -85,6 +85,9 @@ def test_shards_of_the_query_rows_sum_to_the_whole(backend, sparse):
         shard = IndexerKLLoss(q, index[1], w, num_layers=2, topk_indices=None if topk is None else topk[:, rows],
                               backend=backend, total_rows=2 * 37)
         for g in range(2):
+            if sparse:  # the top-k holds the keys' positions: the shard's rows go in one block
+                shard.add_layer(tq[g][:, :, rows], tk[g], 0.3)
+                continue
             local_start = 0
             for start, end in runs:
                 shard.add_layer(tq[g][:, :, start:end], tk[g], 0.3, query_start=local_start, query_position=start)
