@@ -32,12 +32,27 @@ from .context_parallel import ContextParallel, Segment, SequenceLayout, gather_s
 from .kernels import IndexerKLLoss
 from .metrics import valid_selection
 from .pattern import IndexCachePattern
+from .runtime import zero3_gathered
 from .sparse_forward import uses_sparse_forward
 from .teacher import TEACHER_FORMS, AbsorbedTeacher, expanded_key
 
 STAGES = ("dense", "sparse")
 # Query rows per block of the absorbed teacher on the sparse forward (the sparse KL takes rows in blocks).
 TEACHER_BLOCK_ROWS = 16384
+
+
+class _GradientsReady(torch.autograd.Function):
+    """A group's loss whose indexer gradients were computed in the forward: its backward hands them to the
+    indexer's parameters, scaled by the incoming gradient (DeepSpeed's 1 / accumulation steps)."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *params):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, None, *[None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads])
 
 
 def causal_topk(topk_indices: torch.Tensor) -> torch.Tensor:
@@ -190,12 +205,22 @@ class IndexerDistillation(nn.Module):
             native_absorbed = AbsorbedTeacher([self.adapter.attention(self.model, layer)
                                                for layer in range(self.adapter.num_layers(self.model))])
 
+        # A group is finished once its F layer and every layer it serves have been added: its indexer's
+        # gradients are then computed and its state (q/k/w, their fp32 accumulators, the projections' saved
+        # inputs) freed, so that one group's state is alive at a time, not every F layer's until the end.
+        unseen = {layer: 1 + len(served) for layer, served in self.pattern.groups.items()}
+        finished: dict[int, tuple[torch.Tensor, tuple, list[nn.Parameter]]] = {}
+
         def add_layer(call: AttentionCall) -> None:
-            kl = groups[self.pattern.source_layer(call.layer)]
+            source = self.pattern.source_layer(call.layer)
+            kl = groups[source]
             metrics[f"kl/layer{call.layer}"] = self.add_teacher(kl, call, native_absorbed, layout)
             if self.recall_rows:
                 metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows,
                                                                       layout)
+            unseen[source] -= 1
+            if unseen[source] == 0 and wants_grad:
+                finished[source] = self.finish_group(source, groups.pop(source))
 
         hooks = [indexer.register_forward_hook(open_group) for indexer in self.indexers.values()]
         try:
@@ -211,10 +236,22 @@ class IndexerDistillation(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        group_losses = {layer: kl.loss() for layer, kl in groups.items()}
-        for layer, loss in group_losses.items():
+        group_losses = {layer: kl.loss() for layer, kl in groups.items()}  # under no_grad: nothing to free early
+        for layer, (value, grads, params) in finished.items():
+            with zero3_gathered(params):  # the loss's backward then sees the parameters' whole shapes
+                group_losses[layer] = _GradientsReady.apply(value, grads, *params)
+        for layer, loss in sorted(group_losses.items()):
             metrics[f"kl_group/layer{layer}"] = loss.detach()
-        return torch.stack(list(group_losses.values())).sum(), metrics
+        return torch.stack([loss for _, loss in sorted(group_losses.items())]).sum(), metrics
+
+    def finish_group(self, layer: int, kl: IndexerKLLoss) -> tuple[torch.Tensor, tuple, list[nn.Parameter]]:
+        """The group's loss value and its F indexer's parameter gradients, through the projections' graph,
+        which is freed with the group's KL state."""
+        params = [p for p in self.indexers[layer].parameters() if p.requires_grad]
+        with torch.enable_grad():
+            loss = kl.loss()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss.detach(), grads, params
 
 
 def _numel(p: torch.Tensor) -> int:
