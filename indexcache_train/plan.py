@@ -4,7 +4,7 @@ on the meta device; no weights are read).
 Notation: b micro batch, L sequence length, R = b L rows; H heads, n/r/v the nope/rope/value head dims,
 c = kv_lora_rank, q = q_lora_rank, d = hidden_size; Hi, Di, k the indexer's heads, head dim and top-k; I the
 dense MLP width, I_e / E / e the expert width, count and experts per token; a = 2 bytes (bf16 activations),
-w = 2 bytes per frozen weight (1 for an FP8 base kept in FP8); N the GPUs, F the number of F layers.
+w = 2 bytes per frozen weight (1 for an FP8 base kept in FP8); N the GPUs.
 
 weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w (1e9 + M): the gathered
            parameters DeepSpeed keeps available. Its stage3_max_live_parameters (default 1e9) stops the
@@ -17,9 +17,10 @@ optimizer  the F indexers' states, from DeepSpeed's own estimators (`estimate_ze
            w 5e8: the gradient bucket of its default reduce_bucket_size, allocated at start whatever P_trainable.
 activations the frozen sparse forward's peak, per GPU, in bytes:
   stream       3 a R d                                   (hidden states, residual, normed input)
-  groups       F R [(Hi Di + Di + Hi)(a + 4) + a (d + q + Di) + 4 k]
-               every F layer's IndexerKLLoss lives until the loss: its q/k/w with grad, their fp32 gradient
-               accumulators, the inputs the projections' backward saved, and the group's int32 top-k
+  groups       R [(Hi Di + Di + Hi)(a + 4) + a (d + q + Di) + 4 k]
+               one F group's IndexerKLLoss (each group is finished, its gradients taken and its state freed,
+               after its last layer): its q/k/w with grad, their fp32 gradient accumulators, the inputs the
+               projections' backward saved, and the group's int32 top-k
   attention    a R (q + H (n + r) + (c + r)) + max of three phases:
                  indexer  4 R (Hi Di + Di + Hi) + 4 min(2^28, b L^2) + 4 R k   (fp32 q/k/w, logits block, top-k)
                  KL       4 min(2^26, R k) + b min(16384, L) H a (c + r) + a R H v + 4 R H
@@ -168,7 +169,7 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
     if zero_stage == 3:  # allocated at start for contiguous gradients, whatever the trainable count
         optimizer += REDUCE_BUCKET * dtype_bytes
     terms = activation_terms(model.config, batch=micro_batch_size, seq_len=seq_len,
-                             num_full=len(pattern.full_layers), act_bytes=dtype_bytes)
+                             act_bytes=dtype_bytes)
     activations = activation_scale * (terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"]))
     total = (weights + optimizer + activations) / GIB
     return Plan(
@@ -180,7 +181,7 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
     )
 
 
-def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_bytes: int = 2,
+def activation_terms(config, *, batch: int, seq_len: int, act_bytes: int = 2,
                      logits_block: int = LOGITS_BLOCK) -> dict[str, float]:
     """The activation terms of the module docstring, in bytes. `logits_block`: the top-k's fp32 block in
     elements, 2^28 on a GPU (2^26 on a CPU, where the planner is checked)."""
@@ -191,7 +192,7 @@ def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_byt
     hi, di, k = config.index_n_heads, config.index_head_dim, min(config.index_topk, L)
     index_elems = hi * di + di + hi
     stream = 3 * a * rows * d
-    groups = num_full * rows * (index_elems * (a + 4) + a * (d + q + di) + 4 * k)
+    groups = rows * (index_elems * (a + 4) + a * (d + q + di) + 4 * k)
     indexer = 4 * rows * index_elems + 4 * min(logits_block, b * L * L) + 4 * rows * k
     kl = 4 * min(P_BUFFER, rows * k) + b * min(TEACHER_ROWS, L) * H * a * (c + r) + a * rows * H * v + 4 * rows * H
     chunk = min(ATTENTION_ROWS, L)

@@ -77,7 +77,7 @@ def test_activation_estimate_is_close_to_the_measured_peak():
                  kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, index_n_heads=8,
                  index_head_dim=64, index_topk=128, max_position_embeddings=8192)
     model = use_sparse_forward(build_tiny("glm_moe_dsa", **shape))
-    terms = activation_terms(model.config, batch=1, seq_len=4096, num_full=1, act_bytes=4, logits_block=1 << 26)
+    terms = activation_terms(model.config, batch=1, seq_len=4096, act_bytes=4, logits_block=1 << 26)
     planned = terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"])
     distillation = IndexerDistillation(model, "FSSS", stage="sparse", recall_rows=0)
     distillation.freeze()
