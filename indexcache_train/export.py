@@ -128,7 +128,7 @@ def shared_indexer_prefixes(model: nn.Module) -> tuple[str, ...]:
     """The state_dict prefixes the S-layer indexers had; their tensors stay out of the export."""
     adapter = get_adapter(model)
     names = {id(module): name for name, module in model.named_modules()}
-    return tuple(f"{names[id(adapter.attention(model, layer))]}.indexer."
+    return tuple(f"{names[id(adapter.indexer_owner(model, layer))]}.indexer."
                  for layer in current_pattern(model).shared_layers)
 
 
