@@ -95,6 +95,8 @@ class DSAAdapter:
     tap_implementation: str = "indexcache_tap"
     # transformers' attention implementation for the family's native path
     native_attention: str = "sdpa"
+    # MLA attention (kv_b_proj), which the absorbed teacher form folds
+    mla: bool = True
 
     # ----------------------------------------------------------------------------------------- structure
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -158,6 +160,10 @@ class DSAAdapter:
     def candidate_rate(self, model: nn.Module) -> int:
         """Tokens per indexer candidate: 1 where the indexer ranks tokens, the compress rate where it ranks
         compressed entries. Query t sees candidate s iff s < (t + 1) // rate (s <= t at rate 1)."""
+        return 1
+
+    def compress_rate(self, model: nn.Module, layer: int) -> int:
+        """Tokens per candidate of pattern position `layer`'s indexer (see `candidate_rate`)."""
         return 1
 
     def config_candidate_rate(self, config) -> int:
@@ -397,6 +403,7 @@ class DeepseekV4Adapter(DSAAdapter):
     on_sparse_forward = False  # no fused selection or attention for compressed entries yet
     tap_implementation = "indexcache_tap_compressed"
     native_attention = "eager"  # transformers' V4 is eager only (SDPA has no attention sink)
+    mla = False  # one shared key head (K = V), no kv_b_proj
 
     def indexed_layers(self, model: nn.Module) -> list[int]:
         """The CSA decoder layers, in order: pattern position j is indexed_layers[j]."""

@@ -119,3 +119,77 @@ def test_pattern_over_all_decoder_layers_is_read():
     model = build()
     model.config.index_topk_pattern = "SFSSFS"  # one character per decoder layer: the CSA ones count
     assert str(current_pattern(model)) == "FSFS"
+
+
+# ------------------------------------------------------------------------------------------ distillation
+def test_recomputed_projections_reproduce_the_indexer_scores(ids):
+    """The differentiable q, k, w the trainer recomputes give the scores V4's own indexer ranks."""
+    from indexcache_train.kernels.reference import student_logits
+
+    model = build()
+    adapter = get_adapter(model)
+    indexer = adapter.indexer(model, 0)
+    seen = {}
+    indexer.register_forward_hook(lambda m, args, out: seen.__setitem__("args", args))
+    indexer.scorer.register_forward_hook(lambda m, args, out: seen.__setitem__("scores", out))
+    logits(model, ids)
+    hidden, q_resid, position_ids = seen["args"][:3]
+    projections = adapter.indexer_projections(indexer, hidden, q_resid, position_ids)
+    assert projections.key.shape == (2, 64 // 4, 16) and projections.query.shape == (2, 64, 4, 16)
+    torch.testing.assert_close(student_logits(projections.query, projections.key, projections.weights),
+                               seen["scores"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_loss_is_the_compressed_kl_of_the_captured_attention(stage, ids):
+    """The streamed loss equals the reference KL over compressed entries, averaged over each group's served
+    layers, from the same forward's attention (query against the CSA layer's entries) and indexer tensors."""
+    from indexcache_train.distill import IndexerDistillation
+    from indexcache_train.kernels.reference import reference_compressed_indexer_kl_loss
+
+    model = build()
+    distillation = IndexerDistillation(model, "FSSF", stage=stage, kl_backend="torch", recall_rows=8)
+    distillation.freeze()
+    loss, metrics = distillation(ids)
+    adapter = distillation.adapter
+    calls, projections, selections = {}, {}, {}
+    for source in (0, 3):
+        def grab(indexer, args, output, source=source):
+            projections[source] = adapter.indexer_projections(indexer, *args[:3])
+            selections[source] = output
+        adapter.indexer(model, source).register_forward_hook(grab)
+    with torch.no_grad(), attention_taps(model, lambda call: calls.__setitem__(call.layer, call)):
+        model.model(input_ids=ids)
+    expected = 0.0
+    for source, served in {0: [0, 1, 2], 3: [3]}.items():
+        p = projections[source]
+        topk = selections[source] if stage == "sparse" else None
+        per_layer = [reference_compressed_indexer_kl_loss(p.query, p.key, p.weights, calls[j].query[None],
+                                                          calls[j].key[None], calls[j].scaling, compress_rate=4,
+                                                          topk_indices=topk) for j in served]
+        expected += sum(per_layer) / len(per_layer)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-4, atol=1e-6)
+    assert 0 < metrics["recall/layer1"] <= 1
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_distillation_trains_only_the_f_indexers_and_the_loss_falls(stage, ids):
+    from indexcache_train.distill import IndexerDistillation
+
+    model = build()
+    distillation = IndexerDistillation(model, "FSSF", stage=stage, kl_backend="torch", recall_rows=0)
+    counts = distillation.freeze()
+    f_indexers = [get_adapter(model).indexer(model, layer) for layer in (0, 3)]
+    assert counts["trainable"] == sum(p.numel() for ix in f_indexers for p in ix.parameters())
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in distillation.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss, _ = distillation(ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert f_indexers[0].position_bias.grad.abs().sum() > 0  # the pooling trains with the indexer
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
