@@ -193,3 +193,31 @@ def test_distillation_trains_only_the_f_indexers_and_the_loss_falls(stage, ids):
     assert losses[-1] < 0.9 * losses[0], losses
     assert f_indexers[0].position_bias.grad.abs().sum() > 0  # the pooling trains with the indexer
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+
+
+# ------------------------------------------------------------------------------------------ eval, search, analyze
+def test_prefix_cached_search_loss_equals_a_full_forward(ids):
+    """The search's decoder stack (hyper-connection streams, sliding-window mask, both rotary tables) gives
+    the loss of a full forward, forking at each candidate CSA layer."""
+    from indexcache_train.pattern_search import DecoderStack, score_candidates
+
+    model = build()
+    batches = [ids[:1], ids[1:]]
+    stack, pattern = DecoderStack(model), current_pattern(model)
+    assert stack.starts == [0, 3, 4, 5, 6]
+    losses, _ = score_candidates(stack, batches, pattern, [1, 2, 3], [stack.embed(b) for b in batches], "")
+    for layer in (1, 2, 3):
+        apply_indexcache(model, pattern.with_shared(layer))
+        with torch.no_grad():
+            full = sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
+        assert losses[layer] == pytest.approx(full, rel=0, abs=1e-6), layer
+
+
+def test_evaluate_counts_rows_with_more_entries_than_the_top_k(ids):
+    from indexcache_train.evaluate import evaluate
+
+    report = evaluate(build(), [ids], "FSSF")
+    assert report.lm_loss_all_full is not None and [s.layer for s in report.shared_layers] == [1, 2]
+    for stats in report.shared_layers:
+        assert 0 < stats.index_overlap < 1 and 0 < stats.attention_recall < 1
+    assert report.indexer_flops_removed == 0.5
