@@ -170,6 +170,10 @@ class DSAAdapter:
         """`candidate_rate` from the config alone (checked before any weights load)."""
         return 1
 
+    def config_num_layers(self, config) -> int:
+        """`num_layers`, the pattern's length, from the config alone."""
+        return config.num_hidden_layers
+
     def write_config(self, model: nn.Module, pattern: IndexCachePattern) -> None:
         """Put the pattern's keys on the config, so that `save_pretrained` writes them."""
         keys = pattern.to_config_dict()
@@ -440,6 +444,9 @@ class DeepseekV4Adapter(DSAAdapter):
 
     def config_candidate_rate(self, config):
         return config.compress_rates["compressed_sparse_attention"]
+
+    def config_num_layers(self, config):
+        return config.layer_types.count("compressed_sparse_attention")
 
     def check_pattern(self, model, pattern):
         for source, served in pattern.groups.items():

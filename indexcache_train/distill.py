@@ -50,7 +50,8 @@ def sampled_recall(call: AttentionCall, selection: torch.Tensor, rows: int) -> t
     the dense probabilities of those rows only, so that the metric stays cheap at long context. Candidates are
     the keys, or on DeepSeek-V4 the compressed entries (`call.compress_rate`)."""
     seq_len = call.query.shape[2]
-    queries = torch.arange(max(seq_len - rows, 0), seq_len, device=call.query.device)
+    first = max(seq_len - rows, call.compress_rate - 1)  # the first m - 1 queries see no entry yet
+    queries = torch.arange(first, seq_len, device=call.query.device)
     query, key = call.score_operands(queries)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * call.scaling
     visible = visible_candidates(len(queries), key.shape[2], call.compress_rate, queries=queries)

@@ -221,3 +221,73 @@ def test_evaluate_counts_rows_with_more_entries_than_the_top_k(ids):
     for stats in report.shared_layers:
         assert 0 < stats.index_overlap < 1 and 0 < stats.attention_recall < 1
     assert report.indexer_flops_removed == 0.5
+
+
+def test_sampled_recall_skips_the_queries_before_the_first_entry(ids):
+    from indexcache_train.distill import IndexerDistillation
+
+    distillation = IndexerDistillation(build(), "FSFS", kl_backend="torch", recall_rows=64)
+    distillation.freeze()
+    with torch.no_grad():
+        _, metrics = distillation(ids)
+    recalls = [metrics[f"recall/layer{layer}"] for layer in range(4)]
+    assert all(0 < r <= 1 for r in recalls), recalls
+
+
+# ------------------------------------------------------------------------------------------ the CLIs
+TINY_V4 = ["model=tiny_deepseek_v4", "data.seq_len=64", "data.max_records=30"]
+
+
+def run_cli(module, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29742"}
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_eval_cli(tmp_path):
+    import json
+
+    stdout = run_cli("indexcache_train.evaluate", f"output_dir={tmp_path}", "pattern=FSSF", "num_batches=2", *TINY_V4)
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["pattern"] == "FSSF" and [s["layer"] for s in report["shared_layers"]] == [1, 2]
+    assert report["indexer_flops_removed"] == 0.5 and "attention recall" in stdout
+
+
+def test_analyze_cli(tmp_path):
+    import numpy as np
+
+    run_cli("indexcache_train.analyze", f"output_dir={tmp_path}", "num_batches=1", *TINY_V4)
+    matrices = np.load(tmp_path / "pairs.npz")
+    assert matrices["index_overlap"].shape == (4, 4)
+    np.testing.assert_allclose(np.diag(matrices["index_overlap"]), 1.0)
+    assert ((matrices["attention_recall"] > 0) & (matrices["attention_recall"] < 1)).all()
+
+
+def test_search_cli(tmp_path):
+    import json
+
+    run_cli("indexcache_train.search", f"output_dir={tmp_path}", "num_batches=1", "search.ratio=0.25",
+            "search.reference_freqs=[2,4]", *TINY_V4)
+    record = json.loads((tmp_path / "search.json").read_text())
+    assert record["done"] and len(record["steps"]) == 3 and record["final"]["pattern"] == "FSSS"
+
+
+def test_train_cli_distils_and_exports(tmp_path, ids):
+    import json
+
+    out = tmp_path / "run"
+    run_cli("indexcache_train.train", f"output_dir={out}", "deepspeed=zero0", "distill.pattern=FSFS",
+            "distill.stage=schedule", "distill.dense_steps=3", "trainer.max_steps=6", "trainer.lr=3e-3",
+            "trainer.warmup_steps=1", "trainer.eval_batches=2", "logger.mode=disabled", *TINY_V4)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "export").eval()
+    assert reloaded.config.index_topk_pattern == "FSFS"
+    apply_indexcache(reloaded, current_pattern(reloaded))
+    assert indexer_layers(reloaded) == [1, 4]
