@@ -291,3 +291,26 @@ def test_train_cli_distils_and_exports(tmp_path, ids):
     assert reloaded.config.index_topk_pattern == "FSFS"
     apply_indexcache(reloaded, current_pattern(reloaded))
     assert indexer_layers(reloaded) == [1, 4]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_too_few_entries_for_the_top_k_is_refused():
+    from indexcache_train.modeling import check_seq_len
+
+    check_seq_len(tiny_config("deepseek_v4"), 20)  # 5 entries > top-4
+    with pytest.raises(ValueError, match=r"in compressed entries \(16 // compress rate 4\) must exceed the model's "
+                                         r"index_topk \(4\)"):
+        check_seq_len(tiny_config("deepseek_v4"), 16)
+
+
+def test_the_sparse_forward_is_refused_with_the_eager_route():
+    from indexcache_train.modeling import check_attn_implementation
+
+    check_attn_implementation(tiny_config("deepseek_v4"), "eager")
+    with pytest.raises(ValueError, match="model.attn_implementation=eager"):
+        check_attn_implementation(tiny_config("deepseek_v4"), "indexcache_sparse")
+
+
+def test_a_pattern_of_the_wrong_length_names_the_csa_count():
+    with pytest.raises(ValueError, match="has 6 characters, but the model has 4 DSA layers"):
+        apply_indexcache(build(), "FSFSFS")  # one per decoder layer: the pattern runs over the 4 CSA layers
