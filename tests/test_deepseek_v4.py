@@ -282,9 +282,11 @@ def test_train_cli_distils_and_exports(tmp_path, ids):
     import json
 
     out = tmp_path / "run"
-    run_cli("indexcache_train.train", f"output_dir={out}", "deepspeed=zero0", "distill.pattern=FSFS",
+    stdout = run_cli("indexcache_train.train", f"output_dir={out}", "deepspeed=zero0", "distill.pattern=FSFS",
             "distill.stage=schedule", "distill.dense_steps=3", "trainer.max_steps=6", "trainer.lr=3e-3",
             "trainer.warmup_steps=1", "trainer.eval_batches=2", "logger.mode=disabled", *TINY_V4)
+    recall_line = next(line for line in stdout.splitlines() if line.startswith("mean attention recall"))
+    assert "nan" not in recall_line, recall_line
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
     reloaded = AutoModelForCausalLM.from_pretrained(out / "export").eval()
