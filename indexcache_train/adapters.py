@@ -10,6 +10,8 @@ gradients for distillation:
 - `Glm5NextForConditionalGeneration` (hybrid KDA + indexed attention) numbers its pattern over the indexed
   layers only, writes `text_config.indexer_types`, and relays the top-k across the linear layers
   (see `Glm5NextAdapter`).
+- `DeepseekV4ForCausalLM` numbers its pattern over its compressed-sparse-attention layers, whose indexers
+  rank compressed KV entries; S layers get `SharedTopK` stand-ins (see `DeepseekV4Adapter`).
 
 Removed indexers are kept off the module tree (absent from `state_dict()` and `parameters()`), so a later
 `apply_indexcache` with another pattern can bring them back; that is what pattern search relies on.
@@ -43,6 +45,12 @@ class TopKRelay:
 
     def record(self, indexer: nn.Module, args, output: torch.Tensor) -> None:
         self.layer, self.indices = indexer.layer_idx, output
+
+    def recorder(self, layer: int):
+        """A forward hook that records an indexer's output as `layer`'s (for indexers without `layer_idx`)."""
+        def record(indexer: nn.Module, args, output: torch.Tensor) -> None:
+            self.layer, self.indices = layer, output
+        return record
 
 
 class SharedTopK(nn.Module):
@@ -83,6 +91,12 @@ class DSAAdapter:
     pattern_over_decoder_layers: bool = True
     # False where `sparse_forward` does not cover the family's indexer yet (the native path serves it)
     on_sparse_forward: bool = True
+    # The attention implementation that taps the model's attention calls on its native path (capture.py)
+    tap_implementation: str = "indexcache_tap"
+    # transformers' attention implementation for the family's native path
+    native_attention: str = "sdpa"
+    # MLA attention (kv_b_proj), which the absorbed teacher form folds
+    mla: bool = True
 
     # ----------------------------------------------------------------------------------------- structure
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -92,9 +106,13 @@ class DSAAdapter:
     def attention(self, model: nn.Module, layer: int) -> nn.Module:
         return self.layers(model)[layer].self_attn
 
+    def indexer_owner(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module whose `indexer` attribute holds the layer's indexer (or its S-layer stand-in)."""
+        return self.attention(model, layer)
+
     def indexer(self, model: nn.Module, layer: int) -> nn.Module | None:
         """The layer's own indexer, or None on an S layer."""
-        indexer = self.attention(model, layer).indexer
+        indexer = self.indexer_owner(model, layer).indexer
         return None if indexer is None or isinstance(indexer, SharedTopK) else indexer
 
     def num_layers(self, model: nn.Module) -> int:
@@ -115,8 +133,9 @@ class DSAAdapter:
         for handle in state.hooks:
             handle.remove()
         state.hooks.clear()
+        self.check_pattern(model, pattern)
         for layer in range(self.num_layers(model)):
-            attention = self.attention(model, layer)
+            owner = self.indexer_owner(model, layer)
             own = self.indexer(model, layer)
             if pattern.is_full(layer):
                 if own is None:
@@ -126,14 +145,34 @@ class DSAAdapter:
                             f"Layer {layer} is F in {pattern} but the model has no indexer there (it was loaded "
                             "without one): such a layer can only be S."
                         )
-                attention.indexer = own
+                owner.indexer = own
             elif own is not None:
                 state.removed[layer] = own
-                attention.indexer = None
+                owner.indexer = None
         self._connect(model, pattern, state)
         state.pattern = pattern
         model._indexcache = state
         self.write_config(model, pattern)
+
+    def check_pattern(self, model: nn.Module, pattern: IndexCachePattern) -> None:
+        """Refuse a pattern this architecture cannot run (beyond the checks `IndexCachePattern` makes)."""
+
+    def candidate_rate(self, model: nn.Module) -> int:
+        """Tokens per indexer candidate: 1 where the indexer ranks tokens, the compress rate where it ranks
+        compressed entries. Query t sees candidate s iff s < (t + 1) // rate (s <= t at rate 1)."""
+        return 1
+
+    def compress_rate(self, model: nn.Module, layer: int) -> int:
+        """Tokens per candidate of pattern position `layer`'s indexer (see `candidate_rate`)."""
+        return 1
+
+    def config_candidate_rate(self, config) -> int:
+        """`candidate_rate` from the config alone (checked before any weights load)."""
+        return 1
+
+    def config_num_layers(self, config) -> int:
+        """`num_layers`, the pattern's length, from the config alone."""
+        return config.num_hidden_layers
 
     def write_config(self, model: nn.Module, pattern: IndexCachePattern) -> None:
         """Put the pattern's keys on the config, so that `save_pretrained` writes them."""
@@ -343,6 +382,154 @@ class Glm5NextAdapter(DSAAdapter):
         return output[2]
 
 
+class DeepseekV4Adapter(DSAAdapter):
+    """transformers' `DeepseekV4ForCausalLM`. Its layers are sliding-window, heavily compressed (HCA) or
+    compressed sparse attention (CSA); only the CSA layers own a lightning indexer, which ranks compressed KV
+    entries, not tokens: entry w pools the window of tokens [w m, (w + 1) m) (and the previous window, through
+    the overlapping series), m = `compress_rates["compressed_sparse_attention"]`, and query t sees it once its
+    window is complete, w < (t + 1) // m. The CSA attention attends to its sliding window of raw tokens, the
+    top-k compressed entries (`index_topk`) and a per-head sink.
+
+    Convention: the pattern is defined over the CSA layers, in order (SGLang's V4 IndexCache patch numbers
+    `index_topk_pattern` by CSA rank the same way). transformers has no sharing keys for V4; the config gets
+    `index_topk_pattern` over the CSA layers and `use_index_cache`, and `pattern_from_config` also reads a
+    pattern written over all decoder layers (one character per layer, the CSA ones counted).
+
+    Sharing: `DeepseekV4CSACompressor` always calls its indexer, so an S layer's indexer becomes a `SharedTopK`
+    fed by its F layer's output. Entry w means the same window of tokens in every CSA layer (each layer pools
+    it with its own compressor), so a top-k carries over between layers of the same compress rate, and
+    `check_pattern` refuses a group whose layers differ in it.
+    """
+
+    model_type = "deepseek_v4"
+    architecture = "DeepseekV4ForCausalLM"
+    pattern_over_decoder_layers = False
+    on_sparse_forward = False  # no fused selection or attention for compressed entries yet
+    tap_implementation = "indexcache_tap_compressed"
+    native_attention = "eager"  # transformers' V4 is eager only (SDPA has no attention sink)
+    mla = False  # one shared key head (K = V), no kv_b_proj
+
+    def indexed_layers(self, model: nn.Module) -> list[int]:
+        """The CSA decoder layers, in order: pattern position j is indexed_layers[j]."""
+        return [i for i, layer in enumerate(self.layers(model))
+                if layer.self_attn.layer_type == "compressed_sparse_attention"]
+
+    def num_layers(self, model):
+        return len(self.indexed_layers(model))
+
+    def attention(self, model, layer):
+        return self.layers(model)[self.indexed_layers(model)[layer]].self_attn
+
+    def indexer_owner(self, model, layer):
+        return self.attention(model, layer).compressor
+
+    def compress_rate(self, model: nn.Module, layer: int) -> int:
+        """Pattern position `layer`'s compress rate, as its compressor and indexer hold it."""
+        compressor = self.indexer_owner(model, layer)
+        rates = {compressor.compress_rate}
+        indexer = self.indexer(model, layer)
+        if indexer is not None:
+            rates.add(indexer.compress_rate)
+        if len(rates) != 1:
+            raise ValueError(f"CSA layer {layer}'s compressor and indexer pool windows of different lengths "
+                             f"({sorted(rates)} tokens): its top-k would not index its own entries.")
+        return rates.pop()
+
+    def candidate_rate(self, model):
+        rates = {self.compress_rate(model, layer) for layer in range(self.num_layers(model))}
+        if len(rates) != 1:
+            raise ValueError(f"The CSA layers compress at different rates {sorted(rates)}: metrics over the "
+                             "model need one rate.")
+        return rates.pop()
+
+    def config_candidate_rate(self, config):
+        return config.compress_rates["compressed_sparse_attention"]
+
+    def config_num_layers(self, config):
+        return config.layer_types.count("compressed_sparse_attention")
+
+    def check_pattern(self, model, pattern):
+        for source, served in pattern.groups.items():
+            rate = self.compress_rate(model, source)
+            mixed = [layer for layer in served if self.compress_rate(model, layer) != rate]
+            if mixed:
+                raise ValueError(
+                    f"In {pattern}, CSA layers {mixed} would share the top-k of CSA layer {source}, but they "
+                    f"compress every {self.compress_rate(model, mixed[0])} tokens and layer {source} every {rate}: "
+                    "entry w would be another window of tokens. Make the first of them F.")
+
+    def write_config(self, model, pattern):
+        for stale in ("index_topk_freq", "index_skip_topk_offset"):  # engines count those over other layers
+            if hasattr(model.config, stale):
+                delattr(model.config, stale)
+        model.config.update(self.export_config_keys(pattern))
+
+    def export_config_keys(self, pattern):
+        return {"index_topk_pattern": pattern.layers, "use_index_cache": bool(pattern.shared_layers)}
+
+    def pattern_from_config(self, model):
+        layers = getattr(model.config, "index_topk_pattern", None)
+        if layers is None:
+            return IndexCachePattern.all_full(self.num_layers(model))
+        indexed = self.indexed_layers(model)
+        if len(layers) == len(self.layers(model)) != len(indexed):  # written over all decoder layers
+            layers = "".join(layers[i] for i in indexed)
+        return IndexCachePattern.parse(layers, self.num_layers(model))
+
+    def _connect(self, model, pattern, state):
+        relay = TopKRelay()
+        for source, served in pattern.groups.items():
+            if served:
+                state.hooks.append(self.indexer(model, source).register_forward_hook(relay.recorder(source)))
+            for layer in served:
+                self.indexer_owner(model, layer).indexer = SharedTopK(relay, layer, source)
+
+    def selection_module(self, model, layer):
+        return self.indexer_owner(model, layer).indexer
+
+    def selection_from_output(self, output):
+        return output
+
+    def indexer_projections(self, indexer, hidden_states, q_resid, position_ids):
+        """As `DeepseekV4Indexer.forward` computes them without a cache: q [B, L, Hi, Di] at the query
+        positions, the compressed keys [B, L // m, Di] at their windows' first positions, and the weights.
+        Its third input is `position_ids`: the indexer makes its own rotary embeddings."""
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
+
+        batch, seq_len, _ = hidden_states.shape
+        cos, sin = indexer.rotary_emb(hidden_states, position_ids=position_ids, layer_type=indexer.rope_layer_type)
+        query = indexer.q_b_proj(q_resid).view(batch, seq_len, -1, indexer.head_dim).transpose(1, 2)
+        query = apply_rotary_pos_emb(query, cos, sin).transpose(1, 2)
+        scorer = indexer.scorer
+        weights = scorer.weights_proj(hidden_states) * scorer.weights_scaling
+        return IndexerProjections(query * scorer.softmax_scale, compressed_index_keys(indexer, hidden_states),
+                                  weights)
+
+
+def compressed_index_keys(indexer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A `DeepseekV4Indexer`'s compressed keys [B, L // m, Di] for a whole sequence (no cache), differentiable
+    in its kv_proj, gate_proj, position_bias and kv_norm. Entry w is the softmax-gated sum over 2m slots: the
+    first half of the features of window w - 1's tokens (none for w = 0) and the second half of window w's;
+    then RMSNorm and RoPE at position w m."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
+
+    batch, seq_len, _ = hidden_states.shape
+    rate, dim = indexer.compress_rate, indexer.head_dim
+    windows = seq_len // rate
+    kv = indexer.kv_proj(hidden_states[:, :windows * rate]).view(batch, windows, rate, 2 * dim)
+    gate = indexer.gate_proj(hidden_states[:, :windows * rate]).view(batch, windows, rate, 2 * dim)
+    gate = gate + indexer.position_bias
+    before_kv = torch.cat([torch.zeros_like(kv[:, :1, :, :dim]), kv[:, :-1, :, :dim]], dim=1)
+    before_gate = torch.cat([torch.full_like(gate[:, :1, :, :dim], float("-inf")), gate[:, :-1, :, :dim]], dim=1)
+    slots_kv = torch.cat([before_kv, kv[..., dim:]], dim=2)
+    slots_gate = torch.cat([before_gate, gate[..., dim:]], dim=2)
+    pooled = (slots_kv * slots_gate.softmax(dim=2, dtype=torch.float32).to(slots_kv.dtype)).sum(dim=2)
+    compressed = indexer.kv_norm(pooled)
+    positions = (torch.arange(windows, device=compressed.device) * rate).unsqueeze(0).expand(batch, -1)
+    cos, sin = indexer.rotary_emb(compressed, position_ids=positions, layer_type=indexer.rope_layer_type)
+    return apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
+
+
 def _relay_topk(module: nn.Module, args, kwargs, output):
     """A linear decoder layer returns no top-k; hand on the one it was given, as an indexed layer would."""
     hidden_states, topk_indices = output
@@ -350,7 +537,7 @@ def _relay_topk(module: nn.Module, args, kwargs, output):
 
 
 ADAPTERS: dict[str, DSAAdapter] = {
-    a.model_type: a for a in (GlmMoeDsaAdapter(), DeepseekV32Adapter(), Glm5NextAdapter())
+    a.model_type: a for a in (GlmMoeDsaAdapter(), DeepseekV32Adapter(), Glm5NextAdapter(), DeepseekV4Adapter())
 }
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,14 +19,16 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .adapters import ADAPTERS, get_adapter
 from .teacher import absorbed_query
 
 TAP_ATTENTION = "indexcache_tap"
+# DeepSeek-V4 (eager only: SDPA has no attention sink): taps its CSA layers over their compressed entries.
+TAP_COMPRESSED_ATTENTION = "indexcache_tap_compressed"
 # Attention implementations that call the taps themselves.
-TAPPING_IMPLEMENTATIONS = {TAP_ATTENTION}
+TAPPING_IMPLEMENTATIONS = {TAP_ATTENTION, TAP_COMPRESSED_ATTENTION}
 
 
 @dataclass
@@ -34,7 +37,12 @@ class AttentionCall:
     expanded) or, with `latent`, the latent key [B, 1, T, kv_lora + rope] of the sparse forward; its scale;
     the DSA selection [B, L, k] (entries outside [0, t] are padding; None on Glm5Next, whose selection is
     already folded into `attention_mask`: take it from `capture_topk`); and on the sparse forward each head's
-    log-sum-exp over the selection, [B, H, L] fp32, as its attention kernel computed it."""
+    log-sum-exp over the selection, [B, H, L] fp32, as its attention kernel computed it.
+
+    On DeepSeek-V4's CSA layers the key holds the indexer's candidates only, the layer's compressed entries
+    [B, 1, L // m, D] (not its sliding window of raw tokens, nor its sink), and `compress_rate` is m: query t
+    sees entry w iff w < (t + 1) // m. `topk_indices` holds the entries its attention selected, -1 in empty
+    slots."""
 
     layer: int
     module: torch.nn.Module
@@ -44,6 +52,7 @@ class AttentionCall:
     topk_indices: torch.Tensor | None
     latent: bool = False
     lse: torch.Tensor | None = None
+    compress_rate: int = 1
 
     def score_operands(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """(q [B, H, n, D], k [B, Hk, T, D]) whose scaled product q . k^T is the attention scores of `rows`."""
@@ -75,8 +84,27 @@ def _tap_attention(module, query, key, value, attention_mask, scaling=None, drop
                                   **kwargs)
 
 
+def _tap_compressed_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """DeepSeek-V4's eager attention, after handing a CSA layer's query and compressed entries to the taps.
+    The key is [sliding-window tokens (L) | compressed entries]; the mask's compressed part is 0 exactly at
+    the entries the layer's indexer selected, so the selection is read back from it."""
+    if module.layer_type == "compressed_sparse_attention":
+        seq_len = query.shape[2]
+        entries = key[:, :, seq_len:]
+        selected = attention_mask[:, 0, :, seq_len:] == 0  # [B, L, T]
+        count = min(module.config.index_topk, entries.shape[2])
+        order = selected.to(torch.int8).topk(count, dim=-1)
+        topk = torch.where(order.values.bool(), order.indices, -1)
+        run_taps(AttentionCall(module.layer_idx, module, query, entries, scaling, topk,
+                               compress_rate=module.compressor.compress_rate))
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
 AttentionInterface.register(TAP_ATTENTION, _tap_attention)
 AttentionMaskInterface.register(TAP_ATTENTION, sdpa_mask)
+AttentionInterface.register(TAP_COMPRESSED_ATTENTION, _tap_compressed_attention)
+AttentionMaskInterface.register(TAP_COMPRESSED_ATTENTION, eager_mask)
 
 
 @contextmanager
@@ -86,7 +114,8 @@ def attention_taps(model: torch.nn.Module, *taps: Callable[[AttentionCall], None
     config = model.config
     previous = config._attn_implementation
     if previous not in TAPPING_IMPLEMENTATIONS:
-        config._attn_implementation = TAP_ATTENTION
+        adapter = ADAPTERS.get(getattr(config, "model_type", None))
+        config._attn_implementation = adapter.tap_implementation if adapter is not None else TAP_ATTENTION
     taps = _in_pattern_positions(model, taps)
     _taps.extend(taps)
     try:
@@ -97,15 +126,19 @@ def attention_taps(model: torch.nn.Module, *taps: Callable[[AttentionCall], None
 
 
 def _in_pattern_positions(model: torch.nn.Module, taps) -> tuple:
-    """On a model whose pattern does not run over every decoder layer (Glm5Next: the indexed layers only),
-    the taps see `call.layer` as the pattern position rather than the module's `layer_idx`."""
+    """On a model whose pattern does not run over every decoder layer (Glm5Next: the indexed layers only;
+    DeepSeek-V4: the CSA layers), the taps see `call.layer` as the pattern position rather than the module's
+    `layer_idx`, and only the calls of pattern layers."""
     adapter = ADAPTERS.get(getattr(model.config, "model_type", None))
     if adapter is None or adapter.pattern_over_decoder_layers:
         return taps
     positions = {id(adapter.attention(model, j)): j for j in range(adapter.num_layers(model))}
 
     def positioned(tap):
-        return lambda call: tap(dataclasses.replace(call, layer=positions.get(id(call.module), call.layer)))
+        def in_position(call):
+            if id(call.module) in positions:
+                tap(dataclasses.replace(call, layer=positions[id(call.module)]))
+        return in_position
 
     return tuple(positioned(tap) for tap in taps)
 
@@ -127,14 +160,25 @@ def capture_topk(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
             handle.remove()
 
 
+def visible_candidates(num_queries: int, num_keys: int, compress_rate: int, device=None,
+                       queries: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, T] bool: query t sees candidate s iff s < (t + 1) // compress_rate (s <= t for tokens, rate 1).
+    `queries` picks the query positions (default 0 .. num_queries - 1)."""
+    if queries is None:
+        queries = torch.arange(num_queries, device=device)
+    limit = torch.div(queries + 1, compress_rate, rounding_mode="floor")
+    return torch.arange(num_keys, device=queries.device)[None, :] < limit[:, None]
+
+
 def dense_attention_probs(call: AttentionCall) -> torch.Tensor:
-    """The layer's head-averaged causal attention over all keys (not only the top-k), [B, L, L] in fp32.
-    It materialises [B, H, L, L]: for analysis at small sizes only."""
+    """The layer's head-averaged causal attention over all its candidates (not only the top-k), [B, L, T] in
+    fp32 (T = L, or the compressed entries on DeepSeek-V4, each head's softmax taken over them; a query with
+    no visible entry gets a zero row). It materialises [B, H, L, T]: for analysis at small sizes only."""
     query, key = call.score_operands()
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * call.scaling
-    seq_len = scores.shape[-1]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=scores.device).tril()
-    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=1)
+    visible = visible_candidates(scores.shape[-2], scores.shape[-1], call.compress_rate, scores.device)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return probs.nan_to_num(0.0).mean(dim=1)
 
 
 @contextmanager

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from .adapters import apply_indexcache, current_pattern, get_adapter
-from .capture import AttentionCall, attention_taps
+from .capture import AttentionCall, attention_taps, visible_candidates
 from .context_parallel import ContextParallel, Segment, SequenceLayout, gather_sequence
-from .kernels import IndexerKLLoss
+from .kernels import CompressedIndexerKL, IndexerKLLoss
 from .metrics import valid_selection
 from .pattern import IndexCachePattern
 from .runtime import zero3_gathered
@@ -62,27 +62,30 @@ def causal_topk(topk_indices: torch.Tensor) -> torch.Tensor:
 
 def sampled_recall(call: AttentionCall, selection: torch.Tensor, rows: int,
                    layout: SequenceLayout | None = None) -> torch.Tensor:
-    """Attention-mass recall of `selection` on the last `rows` queries (those with the most keys), from the
-    dense probabilities of those rows only, so that the metric stays cheap at long context. Context parallel,
-    a rank takes the sampled rows it holds (zig-zag: the last chunks are the first ranks' second ones) and
-    divides by the count of all of them, so that the group's sum is the one-rank mean."""
+    """Attention-mass recall of `selection` on the last `rows` queries (those with the most candidates), from
+    the dense probabilities of those rows only, so that the metric stays cheap at long context. Candidates are
+    the keys, or on DeepSeek-V4 the compressed entries (`call.compress_rate`). Context parallel, a rank takes
+    the sampled rows it holds (zig-zag: the last chunks are the first ranks' second ones) and divides by the
+    count of all of them, so that the group's sum is the one-rank mean."""
     device = call.query.device
     if layout is None:
         seq_len = call.query.shape[2]
         positions = torch.arange(seq_len, device=device)
     else:
         seq_len, positions = layout.seq_len, layout.positions(device)
-    sampled = (positions >= seq_len - rows).nonzero().squeeze(1)  # local rows
-    count = selection.shape[0] * min(rows, seq_len)
+    first = max(seq_len - rows, call.compress_rate - 1)  # the first m - 1 queries see no entry yet
+    sampled = (positions >= first).nonzero().squeeze(1)  # local rows
+    count = selection.shape[0] * (seq_len - first)
     if sampled.numel() == 0:
         return torch.zeros((), device=device)
     queries = positions[sampled]
     query, key = call.score_operands(sampled)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * call.scaling
-    causal = torch.arange(seq_len, device=device)[None, :] <= queries[:, None]
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=1)  # [B, rows, L]
+    visible = visible_candidates(len(queries), key.shape[2], call.compress_rate, queries=queries)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).mean(dim=1)  # [B, rows, T]
     chosen = selection[:, sampled].long()
-    valid = (chosen >= 0) & (chosen <= queries[None, :, None])
+    limit = torch.div(queries + 1, call.compress_rate, rounding_mode="floor")
+    valid = (chosen >= 0) & (chosen < limit[None, :, None])
     return (probs.gather(-1, chosen.clamp_min(0)) * valid).sum() / count
 
 
@@ -117,12 +120,17 @@ class IndexerDistillation(nn.Module):
     @property
     def absorbed(self) -> bool:
         """The MLA absorbed form for the sparse stage (one gather serves every head), unless told otherwise;
-        the expanded form for the dense stage, whose keys are contiguous and where FLOPs count more."""
+        the expanded form for the dense stage, whose keys are contiguous and where FLOPs count more. A family
+        without MLA (DeepSeek-V4: one shared key head already) has only its own form."""
+        if self.teacher_form == "auto" and not self.adapter.mla:
+            return False
         return self.teacher_form == "absorbed" or (self.teacher_form == "auto" and self.stage == "sparse")
 
     def add_teacher(self, kl: IndexerKLLoss, call: AttentionCall, native_absorbed: AbsorbedTeacher | None,
                     layout: SequenceLayout | None = None):
         """Hand one served layer's attention to its group's KL in the chosen teacher form; its mean KL."""
+        if call.compress_rate > 1:  # DeepSeek-V4's CSA: the query against the layer's compressed entries
+            return kl.add_layer(call.query, call.key, call.scaling)
         if not call.latent:  # transformers' native forward: expanded keys, the latent recorded by hooks
             query, key = native_absorbed(call) if native_absorbed else (call.query, call.key)
             return kl.add_layer(query, key, call.scaling)
@@ -179,11 +187,21 @@ class IndexerDistillation(nn.Module):
         sparse = self.stage == "sparse"
         wants_grad = torch.is_grad_enabled()  # an evaluation under no_grad builds no graph
 
+        layer_of = {id(indexer): layer for layer, indexer in self.indexers.items()}  # by pattern position
+
         def open_group(indexer: nn.Module, args, output: torch.Tensor) -> None:
-            hidden_states, q_resid, position_embeddings = args[:3]
+            hidden_states, q_resid, position_embeddings = args[:3]  # position_ids on DeepSeek-V4
+            layer = layer_of[id(indexer)]
             with torch.set_grad_enabled(wants_grad):
                 projections = self.adapter.indexer_projections(indexer, hidden_states.detach(), q_resid.detach(),
                                                                position_embeddings)
+                rate = self.adapter.compress_rate(self.model, layer)
+                if rate > 1:  # candidates are compressed entries; the indexer marks unseen ones -1
+                    groups[layer] = CompressedIndexerKL(
+                        projections.query, projections.key, projections.weights, compress_rate=rate,
+                        num_layers=1 + len(self.pattern.groups[layer]), backend=self.kl_backend,
+                        topk_indices=output.to(torch.int32) if sparse else None, check_indices=False)
+                    return
                 if layout is None:
                     key, topk, total_rows = projections.key, causal_topk(output) if sparse else None, None
                 else:
@@ -191,7 +209,6 @@ class IndexerDistillation(nn.Module):
                     # holds global positions, -1 in its empty slots.
                     key = gather_sequence(projections.key, layout)
                     topk, total_rows = output.to(torch.int32) if sparse else None, key.shape[0] * key.shape[1]
-            layer = indexer.layer_idx
             groups[layer] = IndexerKLLoss(
                 projections.query, key, projections.weights,
                 num_layers=1 + len(self.pattern.groups[layer]),

@@ -30,7 +30,7 @@ from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
 from .config import CONFIG_DIR, check_known_keys, register_configs
 from .data import load_batches
-from .metrics import attention_recall, index_overlap, lm_loss
+from .metrics import attention_recall, first_choosing_row, index_overlap, lm_loss
 from .modeling import build_model_and_tokenizer, check_seq_len
 from .pattern import IndexCachePattern
 from .runtime import resolve_device
@@ -59,18 +59,22 @@ class EvalReport:
     shared_layers: list[SharedLayerStats] = field(default_factory=list)
 
 
-def indexer_flops_per_layer(config, seq_len: int) -> float:
-    """One indexer's FLOPs on one causal sequence: its three projections and the L(L+1)/2 scored pairs."""
+def indexer_flops_per_layer(config, seq_len: int, compress_rate: int = 1) -> float:
+    """One indexer's FLOPs on one causal sequence: its projections and the scored pairs, sum_t (t + 1) // m
+    (L(L+1)/2 for token indexers, m = 1). A compressing indexer (DeepSeek-V4) projects each token to its two
+    series of keys and gates, 4 x index_head_dim, instead of one key."""
     heads, dim = config.index_n_heads, config.index_head_dim
-    projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (dim + heads))
-    pairs = seq_len * (seq_len + 1) / 2
+    key_width = dim if compress_rate == 1 else 4 * dim
+    projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (key_width + heads))
+    windows, rest = divmod(seq_len, compress_rate)
+    pairs = compress_rate * windows * (windows - 1) // 2 + windows * (rest + 1)
     return projections + pairs * heads * (2 * dim + 2)  # dot products, then ReLU-weighted head sum
 
 
 @torch.no_grad()
 def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePattern) -> list[SharedLayerStats]:
     """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F."""
-    topk = model.config.index_topk
+    topk = first_choosing_row(model)
     selections: dict[int, torch.Tensor] = {}
     sums = {layer: torch.zeros(2, dtype=torch.float64) for layer in pattern.shared_layers}
     rows = 0
@@ -79,7 +83,7 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
         selections[call.layer] = call.topk_indices
         if call.layer in sums:
             shared = selections[pattern.source_layer(call.layer)]
-            choosing = slice(topk, None)  # rows with more candidate keys than top-k slots
+            choosing = slice(topk, None)  # rows with more candidates than top-k slots
             overlap = index_overlap(call.topk_indices, shared)[:, choosing]
             recall = attention_recall(dense_attention_probs(call), shared)[:, choosing]
             sums[call.layer] += torch.stack([overlap.sum(), recall.sum()]).double().cpu()
@@ -112,7 +116,7 @@ def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | st
         stats = sharing_stats(model, batches, pattern)
     apply_indexcache(model, pattern)
     loss = lm_loss(model, batches, f"LM loss ({pattern})")
-    per_layer = indexer_flops_per_layer(model.config, seq_len)
+    per_layer = indexer_flops_per_layer(model.config, seq_len, adapter.candidate_rate(model))
     return EvalReport(
         pattern=str(pattern), seq_len=seq_len, num_sequences=sum(b.shape[0] for b in batches),
         lm_loss=loss, perplexity=math.exp(loss),

@@ -3,7 +3,8 @@
 The folder holds:
 - `config.json` with the pattern keys (`index_topk_pattern`, `indexer_types`, `use_index_cache`, and
   `index_topk_freq`/`index_skip_topk_offset` when the pattern is uniform), so that transformers' GlmMoeDsa
-  builds its S layers without indexers and vLLM/SGLang switch sharing on;
+  builds its S layers without indexers and vLLM/SGLang switch sharing on (DeepSeek-V4: `index_topk_pattern`
+  over its CSA layers and `use_index_cache`, see `DeepseekV4Adapter`);
 - safetensors without the S-layer indexer tensors, with the trained F-layer indexer tensors, and every
   other tensor bitwise identical to the base;
 - the base's other files (tokenizer, generation config, ...) and a model card, `README.md`.
@@ -128,7 +129,7 @@ def shared_indexer_prefixes(model: nn.Module) -> tuple[str, ...]:
     """The state_dict prefixes the S-layer indexers had; their tensors stay out of the export."""
     adapter = get_adapter(model)
     names = {id(module): name for name, module in model.named_modules()}
-    return tuple(f"{names[id(adapter.attention(model, layer))]}.indexer."
+    return tuple(f"{names[id(adapter.indexer_owner(model, layer))]}.indexer."
                  for layer in current_pattern(model).shared_layers)
 
 

@@ -9,7 +9,9 @@ Definitions, for a query row t of one sequence:
 - the **LM loss** is the mean next-token negative log-likelihood in nats per predicted token.
 
 The recall and the overlap are averaged only over rows with more than `index_topk` candidate keys: on the
-others every selection holds every key, and both would be 1 by construction.
+others every selection holds every key, and both would be 1 by construction. On DeepSeek-V4 the candidates
+are compressed entries, one per m tokens, which query t sees once complete (w < (t + 1) // m); the rows that
+count are then t >= (index_topk + 1) m - 1.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
+
+
+def first_choosing_row(model) -> int:
+    """The first query row with more candidates than `index_topk` slots: (index_topk + 1) m - 1 at m tokens
+    per candidate (index_topk for token indexers)."""
+    return (model.config.index_topk + 1) * get_adapter(model).candidate_rate(model) - 1
 
 
 def valid_selection(topk_indices: torch.Tensor) -> torch.Tensor:
@@ -65,8 +74,8 @@ def lm_loss(model, batches: Iterable[torch.Tensor], desc: str) -> float:
 def layer_recalls(model, batches: Iterable[torch.Tensor]) -> list[float]:
     """Per layer, on `model` as it runs (its current pattern): the attention-mass recall of the top-k the
     layer attends to (its own on an F layer, its F layer's on an S layer), over rows with more candidate
-    keys than `index_topk`."""
-    topk, num_layers = model.config.index_topk, model.config.num_hidden_layers
+    candidates than `index_topk`."""
+    topk, num_layers = first_choosing_row(model), get_adapter(model).num_layers(model)
     sums = torch.zeros(num_layers, dtype=torch.float64)
     rows = 0
 

@@ -15,6 +15,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    DeepseekV4Config,
     DeepseekV32Config,
     GlmMoeDsaConfig,
     PretrainedConfig,
@@ -34,15 +35,29 @@ TINY_DSA = dict(
     topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
     index_topk=8, index_head_dim=16, index_n_heads=4, first_k_dense_replace=1, max_position_embeddings=512,
 )
-_CONFIGS = {"glm_moe_dsa": GlmMoeDsaConfig, "deepseek_v32": DeepseekV32Config}
+# DeepSeek-V4: 6 layers, of which 4 are CSA (compress rate 4, so 16 candidates at 64 tokens; top-4 of them),
+# one sliding-window and one HCA; mHC with 2 streams; MoE throughout (no hash-routed layers: random ids).
+TINY_DEEPSEEK_V4 = dict(
+    vocab_size=257, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=6, num_attention_heads=4,
+    head_dim=32, q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, o_groups=2,
+    o_lora_rank=16, index_n_heads=4, index_head_dim=16, index_topk=4, hc_mult=2, hc_sinkhorn_iters=3,
+    max_position_embeddings=512,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+    + ["compressed_sparse_attention"] * 3,
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+    mlp_layer_types=["moe"] * 6,
+)
+_CONFIGS = {"glm_moe_dsa": (GlmMoeDsaConfig, TINY_DSA), "deepseek_v32": (DeepseekV32Config, TINY_DSA),
+            "deepseek_v4": (DeepseekV4Config, TINY_DEEPSEEK_V4)}
 
 
 def tiny_config(model_type: str = "glm_moe_dsa", **overrides):
     """A DSA config small enough for CPU tests; `index_topk` stays below typical test lengths so that the
-    top-k selection really drops keys."""
+    top-k selection really drops keys (for DeepSeek-V4: below the compressed entries of 64 tokens)."""
     if model_type not in _CONFIGS:
         raise ValueError(f"Unknown DSA model_type {model_type!r}; choose from {sorted(_CONFIGS)}.")
-    return _CONFIGS[model_type](**{**TINY_DSA, **overrides})
+    config_class, tiny = _CONFIGS[model_type]
+    return config_class(**{**tiny, **overrides})
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
@@ -66,10 +81,13 @@ def check_dsa_config(config: PretrainedConfig, source: str) -> None:
 
 
 def check_seq_len(config: PretrainedConfig, seq_len: int) -> None:
-    if seq_len <= config.index_topk:
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    rate = adapter.config_candidate_rate(config) if adapter is not None else 1
+    if seq_len // rate <= config.index_topk:
+        length = f"({seq_len})" if rate == 1 else f"in compressed entries ({seq_len} // compress rate {rate})"
         raise ValueError(
-            f"The sequence length ({seq_len}) must exceed the model's index_topk ({config.index_topk}): "
-            "shorter sequences select every key and sharing changes nothing."
+            f"The sequence length {length} must exceed the model's index_topk ({config.index_topk}): shorter "
+            "sequences select every candidate and sharing changes nothing."
         )
 
 
@@ -91,6 +109,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", t
     a live ZeRO-3 `zero.ZeroContext` the weights load straight into partitions; an FP8 base takes the `fp8`
     route (fp8.py)."""
     config = config or load_config(name_or_path, trust_remote_code=trust_remote_code)
+    check_attn_implementation(config, attn_implementation)
     route = fp8_route(config, fp8, zero3_enabled())
     if zero3_enabled():
         model = load_partitioned(name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
@@ -102,6 +121,14 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", t
         attn_implementation=_native(attn_implementation), **quantization,
     )
     return _maybe_sparse(model, attn_implementation)
+
+
+def check_attn_implementation(config: PretrainedConfig, attn_implementation: str) -> None:
+    """A family the sparse forward does not cover runs on its native attention; say which, before building."""
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    if adapter is not None and attn_implementation == SPARSE_ATTENTION and not adapter.on_sparse_forward:
+        raise ValueError(f"The sparse forward does not cover {adapter.architecture}'s indexer yet; run it on "
+                         f"transformers' native path with model.attn_implementation={adapter.native_attention}.")
 
 
 def _native(attn_implementation: str) -> str:
@@ -164,6 +191,7 @@ def build_model(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
     """From a `ModelConfig` (and its `load_model_config`, when already read): load `name_or_path`, or build
     `random_init` from `cfg.seed` for smoke runs."""
     config = config or load_model_config(cfg)
+    check_attn_implementation(config, cfg.attn_implementation)
     if cfg.name_or_path:
         return load_model(cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                           attn_implementation=cfg.attn_implementation, config=config, fp8=cfg.fp8)

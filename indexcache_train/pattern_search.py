@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .adapters import SharedTopK, apply_indexcache, get_adapter
 from .capture import capture_topk
@@ -44,80 +44,106 @@ class StackInputs:
     """What the model's forward builds once before its decoder layers, as it builds it."""
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict
     attention_mask: torch.Tensor
 
 
 @dataclass
 class LayerState:
-    """One batch's residual stream entering `layer`, with the top-k the layer below used: what `layer`
-    reuses if it is S."""
+    """One batch's residual stream entering pattern position `layer` (the decoder layers from the one after
+    the previous position's), with the top-k the position below used: what `layer` reuses if it is S."""
 
     layer: int
     hidden: torch.Tensor
     prev_topk: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None  # DeepSeek-V4's hash-routed MoE layers read the token ids
 
 
 class DecoderStack:
-    """Runs a transformers DSA model's own decoder layers over any range of layers, so a forward can restart
-    from a cached `LayerState`. Rotary embeddings and the causal mask come from the model's own modules, made
-    as its forward makes them; `layer_forwards` counts the decoder-layer calls."""
+    """Runs a transformers DSA model's own decoder layers over any range of pattern positions, so a forward can
+    restart from a cached `LayerState`. Rotary embeddings and the causal mask come from the model's own
+    modules, made as its forward makes them; `layer_forwards` counts the positions run (decoder-layer calls,
+    where the pattern covers every decoder layer). Where it covers some only (DeepSeek-V4's CSA layers),
+    position j runs the decoder layers from the j-th pattern layer up to the next one (position 0 from the
+    first decoder layer)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.adapter = get_adapter(model)
         self.decoder = model.model
         self.num_layers = self.adapter.num_layers(model)
+        layers = self.adapter.layers(model)
+        index = {id(layer.self_attn): i for i, layer in enumerate(layers)}
+        pattern_layers = [index[id(self.adapter.attention(model, j))] for j in range(self.num_layers)]
+        self.position_of = {layer: j for j, layer in enumerate(pattern_layers)}
+        self.starts = [0] + pattern_layers[1:] + [len(layers)]
         # GlmMoeDsa hands each layer's top-k to the next as an argument; DeepseekV32's S layers read a relay.
-        first_layer = self.adapter.layers(model)[0]
-        self.passes_topk = "prev_topk_indices" in inspect.signature(first_layer.forward).parameters
+        self.passes_topk = "prev_topk_indices" in inspect.signature(layers[0].forward).parameters
+        # DeepSeek-V4 keeps hc_mult residual streams (mHC), collapsed by `hc_head` before the final norm.
+        self.hyper_connections = getattr(self.decoder, "hc_head", None) is not None
         self.layer_forwards = 0
 
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> LayerState:
-        return LayerState(0, self.decoder.embed_tokens(input_ids))
+        hidden = self.decoder.embed_tokens(input_ids)
+        if self.hyper_connections:
+            hidden = hidden.unsqueeze(2).expand(-1, -1, self.model.config.hc_mult, -1).contiguous()
+        return LayerState(0, hidden, input_ids=input_ids)
 
     def inputs(self, hidden: torch.Tensor) -> StackInputs:
         """Position ids, rotary embeddings and the causal mask for a batch (any layer's hidden state gives the
         shape, dtype and device they need). Rebuilt on demand: the [B, 1, L, L] mask is too big to cache."""
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        if self.hyper_connections:
+            embeds = hidden[:, :, 0]
+            mask = create_sliding_window_causal_mask(config=self.model.config, inputs_embeds=embeds,
+                                                     attention_mask=None, cache=None, position_ids=position_ids)
+            rotary = {kind: self.decoder.rotary_emb(embeds, position_ids=position_ids, layer_type=kind)
+                      for kind in ("main", "compress")}
+            return StackInputs(position_ids, rotary, mask)
         mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None, cache=None,
                                   position_ids=position_ids, allow_is_causal_skip=False)
         return StackInputs(position_ids, self.decoder.rotary_emb(hidden, position_ids=position_ids), mask)
 
     @torch.no_grad()
     def run(self, state: LayerState, stop: int) -> LayerState:
-        """Run layers state.layer .. stop-1 with the model's current pattern."""
+        """Run pattern positions state.layer .. stop-1 with the model's current pattern."""
         if state.layer == stop:
             return state
         inputs = self.inputs(state.hidden)
         self._share_into(state.layer, state.prev_topk)
         hidden, topk = state.hidden, state.prev_topk
         layers = self.adapter.layers(self.model)
+        extra = {"input_ids": state.input_ids} if self.hyper_connections else {}
         with capture_topk(self.model) as selected:
-            for layer in range(state.layer, stop):
-                extra = {"prev_topk_indices": topk} if self.passes_topk else {}
+            for layer in range(self.starts[state.layer], self.starts[stop]):
+                if self.passes_topk:
+                    extra = {"prev_topk_indices": topk}
                 output = layers[layer](hidden, attention_mask=inputs.attention_mask,
                                        position_embeddings=inputs.position_embeddings,
                                        position_ids=inputs.position_ids, **extra)
                 hidden = output[0] if isinstance(output, tuple) else output
-                topk = selected[layer]
+                if layer in self.position_of:
+                    topk = selected[self.position_of[layer]]
         self.layer_forwards += stop - state.layer
-        return LayerState(stop, hidden, topk)
+        return LayerState(stop, hidden, topk, state.input_ids)
 
     @torch.no_grad()
     def loss(self, state: LayerState, labels: torch.Tensor) -> float:
         """The LM loss from the last layer's output, through the model's final norm, head and loss function."""
         if state.layer != self.num_layers:
             raise ValueError(f"The loss needs the output of the last layer, got the state entering {state.layer}.")
-        logits = self.model.lm_head(self.decoder.norm(state.hidden))
+        hidden = self.decoder.hc_head(state.hidden) if self.hyper_connections else state.hidden
+        logits = self.model.lm_head(self.decoder.norm(hidden))
         return self.model.loss_function(logits=logits, labels=labels,
                                         vocab_size=self.model.config.vocab_size).float().item()
 
     def _share_into(self, layer: int, prev_topk: torch.Tensor | None) -> None:
-        """A forward that starts at an S layer of DeepseekV32 never ran its F layer: seed the relay its
-        `SharedTopK` reads with the top-k the layer below used (the F layer's)."""
-        indexer = self.adapter.attention(self.model, layer).indexer
+        """A forward that starts at an S layer of DeepseekV32 or DeepSeek-V4 never ran its F layer: seed the
+        relay its `SharedTopK` reads with the top-k the layer below used (the F layer's)."""
+        if layer == self.num_layers:
+            return
+        indexer = self.adapter.indexer_owner(self.model, layer).indexer
         if isinstance(indexer, SharedTopK):
             indexer.relay.layer, indexer.relay.indices = indexer.source_layer, prev_topk
 

@@ -206,7 +206,7 @@ def use_sparse_forward(model: nn.Module, enabled: bool = True) -> nn.Module:
     adapter = get_adapter(model)
     if enabled and not adapter.on_sparse_forward:
         raise ValueError(f"The sparse forward does not cover {adapter.architecture}'s indexer yet; run it on "
-                         "transformers' native path with model.attn_implementation=sdpa.")
+                         f"transformers' native path with model.attn_implementation={adapter.native_attention}.")
     for layer in range(adapter.num_layers(model)):
         attention = adapter.attention(model, layer)
         if not hasattr(attention, "kv_b_proj"):

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from .adapters import ADAPTERS
 from .checkpoint import latest_checkpoint, load_checkpoint, resume_path, save_checkpoint
 from .config import CONFIG_DIR, check_known_keys, register_configs
 from .data import build_dataloader, load_packed
@@ -56,8 +57,9 @@ STAGES = ("dense", "sparse", "schedule")
 def check_run_config(cfg: DictConfig, model_config) -> None:
     """Everything that can be checked from the config and the model's config.json, so that a bad value fails
     in a second rather than after the model has loaded and a first evaluation has run."""
+    adapter = ADAPTERS[model_config.model_type]  # load_model_config has checked it is one
     try:
-        IndexCachePattern.coerce(cfg.distill.pattern, model_config.num_hidden_layers)
+        IndexCachePattern.coerce(cfg.distill.pattern, adapter.config_num_layers(model_config))
     except ValueError as error:
         raise ValueError(f"distill.pattern={cfg.distill.pattern!r}: {error}") from None
     check_seq_len(model_config, cfg.data.seq_len)
@@ -233,7 +235,10 @@ def train(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     bf16 = uses_bf16(cfg, device)
-    if cfg.trainer.check_plan:  # from the config alone, before any weight is read
+    planned = ADAPTERS[model_config.model_type].mla  # the planner's activation terms are MLA's
+    if cfg.trainer.check_plan and not planned:
+        log.warning("The memory planner covers the MLA families only: no plan for %s.", model_config.model_type)
+    if cfg.trainer.check_plan and planned:  # from the config alone, before any weight is read
         dtype_bytes = 2 if bf16 or cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype).itemsize
         memory_plan = check_run_plan(cfg, model_config, world_size=world_size, device=device,
                                      dtype_bytes=dtype_bytes)

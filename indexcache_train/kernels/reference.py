@@ -7,7 +7,8 @@ Loss            mean_{b,t} KL(p[b,t] || softmax_s(I[b,t]))
 
 Dense mode: the support of row t is every s <= t. Sparse mode: it is the set of valid entries of
 topk_indices[b,t] (-1 marks an empty slot), for the teacher's heads and the student alike. The rows may be a
-block of the keys' sequence, row t at position query_start + t: then s <= query_start + t.
+block of the keys' sequence, row t at position query_start + t: then s <= query_start + t. Over compressed
+entries (DeepSeek-V4, compress rate m) the keys are the L // m entries and the causal rule is s < (t + 1) // m.
 """
 
 import torch
@@ -51,13 +52,40 @@ def reference_indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teache
     """Materialising reference of `indexcache_train.kernels.indexer_kl_loss`, the mean over the B*L query
     rows; index_k [B, T, Di] and teacher_k [G, B, Hk, T, D] may hold more keys than rows, the rows then at
     positions query_start .. query_start + L - 1. Computes in at least fp32."""
-    dtype = torch.promote_types(index_q.dtype, torch.float32)
-    index_q, index_k, index_weights = (x.to(dtype) for x in (index_q, index_k, index_weights))
-    teacher_q, teacher_k = teacher_q.detach().to(dtype), teacher_k.detach().to(dtype)
     batch, seq_len = index_q.shape[:2]
     support = support_mask(batch, seq_len, index_q.device, topk_indices, num_keys=index_k.shape[1],
                            query_start=query_start)
+    return _kl_over_support(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, support)
 
+
+def compressed_support_mask(batch: int, seq_len: int, compress_rate: int, device,
+                            topk_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, L, L // m]: True where compressed entry w is in query t's support, w < (t + 1) // m (and
+    selected, in sparse mode)."""
+    num_entries = seq_len // compress_rate
+    limit = (torch.arange(seq_len, device=device) + 1) // compress_rate
+    visible = torch.arange(num_entries, device=device)[None, :] < limit[:, None]
+    if topk_indices is None:
+        return visible.expand(batch, seq_len, num_entries)
+    selected = torch.zeros(batch, seq_len, num_entries + 1, dtype=torch.bool, device=device)
+    selected.scatter_(-1, torch.where(topk_indices >= 0, topk_indices.long(), num_entries), True)
+    return selected[..., :num_entries] & visible
+
+
+def reference_compressed_indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, *,
+                                         compress_rate: int, topk_indices=None) -> torch.Tensor:
+    """Materialising reference of `kernels.compressed.CompressedIndexerKL` (index_k and teacher_k over the
+    L // m compressed entries; teacher_q [G, B, H, L, D], teacher_k [G, B, Hk, L // m, D]): the mean over the
+    B * L rows, a row without a candidate counting 0."""
+    batch, seq_len = index_q.shape[:2]
+    support = compressed_support_mask(batch, seq_len, compress_rate, index_q.device, topk_indices)
+    return _kl_over_support(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, support)
+
+
+def _kl_over_support(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, support):
+    dtype = torch.promote_types(index_q.dtype, torch.float32)
+    index_q, index_k, index_weights = (x.to(dtype) for x in (index_q, index_k, index_weights))
+    teacher_q, teacher_k = teacher_q.detach().to(dtype), teacher_k.detach().to(dtype)
     target = teacher_probs(teacher_q, teacher_k, teacher_scale, support)
     # A finite fill keeps a row with an empty support NaN-free in the backward; its target is 0 anyway.
     logits = student_logits(index_q, index_k, index_weights).masked_fill(~support, torch.finfo(dtype).min)
