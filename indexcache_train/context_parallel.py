@@ -19,6 +19,10 @@ is unchanged. Only the layers that mix tokens change, on the sparse forward (`sp
 
 Only the sparse stage on the sparse forward supports it (the dense KL kernels take the queries as the first
 rows of the keys), and no KV cache.
+
+In a run (`context_parallel_size` in the train, eval and search configs), `parallel_groups` cuts the world into
+CP groups of consecutive ranks; the groups are the data-parallel replicas, and every rank of one reads the
+same batches.
 """
 
 from __future__ import annotations
@@ -163,3 +167,42 @@ _active: SequenceLayout | None = None
 def active_layout() -> SequenceLayout | None:
     """The layout of the sequence now running context-parallel, or None."""
     return _active
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """How a run's ranks divide: CP groups of `context_size` consecutive ranks, which are the `data_size`
+    data-parallel replicas; this rank is in replica `data_rank`. `context_parallel` is None without CP."""
+
+    context_parallel: ContextParallel | None
+    context_size: int
+    data_rank: int
+    data_size: int
+
+
+def check_context_parallel_size(size: int, world_size: int, seq_len: int) -> None:
+    """The errors a `context_parallel_size` can meet before any model loads."""
+    if size < 1:
+        raise ValueError(f"context_parallel_size={size} is invalid: it must be at least 1.")
+    if world_size % size:
+        raise ValueError(f"context_parallel_size={size} does not divide the world size {world_size}: launch a "
+                         "multiple of it ranks.")
+    if size > 1 and seq_len < 2 * size:
+        raise ValueError(f"context_parallel_size={size} cuts each sequence into {2 * size} zig-zag chunks; "
+                         f"data.seq_len={seq_len} is shorter.")
+
+
+def parallel_groups(size: int) -> ParallelGroups:
+    """The CP groups of `size` consecutive ranks (every rank must call it: creating a group is collective)."""
+    if size == 1:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return ParallelGroups(None, 1, rank, world_size)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world_size % size:
+        raise ValueError(f"context_parallel_size={size} does not divide the world size {world_size}.")
+    own = None
+    for first in range(0, world_size, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            own = group
+    return ParallelGroups(ContextParallel(own), size, rank // size, world_size // size)
