@@ -27,6 +27,7 @@ same batches.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -206,3 +207,21 @@ def parallel_groups(size: int) -> ParallelGroups:
         if first <= rank < first + size:
             own = group
     return ParallelGroups(ContextParallel(own), size, rank // size, world_size // size)
+
+
+def cli_context_parallel(size: int, seq_len: int, module: str) -> ContextParallel | None:
+    """The CP group of a CLI `module` that runs one group (eval, search): None at size 1, else the whole
+    world of a launcher's `size` ranks (NCCL on GPU, gloo on CPU; no DeepSpeed)."""
+    if size == 1:
+        return None
+    launch = f"launch it on {size} ranks: torchrun --nproc_per_node {size} -m {module} ..."
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(f"context_parallel_size={size} splits each sequence over {size} ranks; {launch}")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world_size = dist.get_world_size()
+    check_context_parallel_size(size, world_size, seq_len)
+    if world_size != size:
+        raise ValueError(f"{module} runs one context-parallel group, but {world_size} ranks were launched; "
+                         f"{launch}")
+    return ContextParallel()

@@ -10,6 +10,10 @@ For a DSA model, a pattern and data, it reports:
 Only query rows with more than `index_topk` candidate keys count in the overlap and the recall: on the
 others every selection holds every key, and both would be 1 by construction.
 
+With `context_parallel_size` > 1 (launched on that many ranks), each sequence is split over the ranks and the
+LM losses are the one-rank ones; the overlap and the recall, which need every query row on one rank, are
+skipped.
+
     indexcache-eval model.name_or_path=/path/to/dsa pattern=FSSSFSSS data.files=val.jsonl
 """
 
@@ -29,11 +33,13 @@ from tqdm.auto import tqdm
 from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
 from .config import CONFIG_DIR, check_known_keys, register_configs
+from .context_parallel import ContextParallel, cli_context_parallel
 from .data import load_batches
 from .metrics import attention_recall, index_overlap, lm_loss
 from .modeling import build_model_and_tokenizer, check_seq_len
 from .pattern import IndexCachePattern
-from .runtime import resolve_device
+from .runtime import rank, resolve_device
+from .sparse_forward import SPARSE_ATTENTION, uses_sparse_forward
 
 
 @dataclass
@@ -57,6 +63,7 @@ class EvalReport:
     indexer_gflops_per_sequence: float
     indexer_gflops_per_sequence_all_full: float
     shared_layers: list[SharedLayerStats] = field(default_factory=list)
+    context_parallel_size: int = 1  # > 1: the overlap and the recall were not measured
 
 
 def indexer_flops_per_layer(config, seq_len: int) -> float:
@@ -94,24 +101,30 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
     ]
 
 
-def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | str | float) -> EvalReport:
-    """Evaluate `pattern` on `model` (left running with the pattern applied afterwards)."""
+def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | str | float,
+             context_parallel: ContextParallel | None = None) -> EvalReport:
+    """Evaluate `pattern` on `model` (left running with the pattern applied afterwards). With
+    `context_parallel`, every rank of the group passes the whole batches."""
     adapter = get_adapter(model)
     pattern = IndexCachePattern.coerce(pattern, adapter.num_layers(model))
     if not batches:
         raise ValueError("No evaluation batch: the data is empty.")
     seq_len = batches[0].shape[1]
     check_seq_len(model.config, seq_len)
+    if context_parallel is not None and not uses_sparse_forward(model):
+        raise ValueError(f"context_parallel_size={context_parallel.size} needs the sparse forward: set "
+                         f"model.attn_implementation={SPARSE_ATTENTION}.")
     loss_full, stats = None, []
     try:
         apply_indexcache(model, IndexCachePattern.all_full(pattern.num_layers))
     except ValueError as error:  # a checkpoint exported with S layers has no all-F form
         print(f"Skipping the all-F reference: {error}")
     else:
-        loss_full = lm_loss(model, batches, "LM loss (all-F)")
-        stats = sharing_stats(model, batches, pattern)
+        loss_full = lm_loss(model, batches, "LM loss (all-F)", context_parallel)
+        if context_parallel is None:
+            stats = sharing_stats(model, batches, pattern)
     apply_indexcache(model, pattern)
-    loss = lm_loss(model, batches, f"LM loss ({pattern})")
+    loss = lm_loss(model, batches, f"LM loss ({pattern})", context_parallel)
     per_layer = indexer_flops_per_layer(model.config, seq_len)
     return EvalReport(
         pattern=str(pattern), seq_len=seq_len, num_sequences=sum(b.shape[0] for b in batches),
@@ -120,7 +133,7 @@ def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | st
         indexer_flops_removed=len(pattern.shared_layers) / pattern.num_layers,
         indexer_gflops_per_sequence=per_layer * len(pattern.full_layers) / 1e9,
         indexer_gflops_per_sequence_all_full=per_layer * pattern.num_layers / 1e9,
-        shared_layers=stats,
+        shared_layers=stats, context_parallel_size=1 if context_parallel is None else context_parallel.size,
     )
 
 
@@ -134,6 +147,9 @@ def format_report(report: EvalReport) -> str:
     lines.append(f"indexer FLOPs removed {report.indexer_flops_removed:.1%} "
                  f"({report.indexer_gflops_per_sequence_all_full:.3g} -> {report.indexer_gflops_per_sequence:.3g} "
                  "GFLOP per sequence)")
+    if report.context_parallel_size > 1:
+        lines.append(f"overlap and recall: not measured when {report.context_parallel_size} ranks split each "
+                     "sequence (context_parallel_size)")
     if report.shared_layers:
         lines.append("S layer  source  index overlap  attention recall")
         for s in report.shared_layers:
@@ -144,11 +160,14 @@ def format_report(report: EvalReport) -> str:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> EvalReport:
     check_known_keys(cfg, "eval")
+    context_parallel = cli_context_parallel(cfg.context_parallel_size, cfg.data.seq_len, "indexcache_train.evaluate")
     device = resolve_device(cfg.device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     model.to(device).eval()
     batches = load_batches(cfg.data, cfg.num_batches, tokenizer, device)
-    report = evaluate(model, batches, cfg.pattern)
+    report = evaluate(model, batches, cfg.pattern, context_parallel)
+    if rank() != 0:  # every rank of the group holds the same report
+        return report
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "eval.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), **asdict(report)},

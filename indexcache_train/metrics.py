@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .capture import AttentionCall, attention_taps, dense_attention_probs
-from .context_parallel import ContextParallel
+from .context_parallel import ContextParallel, SequenceLayout
 
 
 def valid_selection(topk_indices: torch.Tensor) -> torch.Tensor:
@@ -69,13 +69,20 @@ def lm_loss(model, batches: Iterable[torch.Tensor], desc: str,
 
 
 def sequence_nll(model, input_ids: torch.Tensor, context_parallel: ContextParallel) -> float:
-    """The summed next-token loss of a batch, its sequences split over a CP group. Token t predicts t + 1
-    (the last predicts nothing): the labels are shifted over the whole sequence first, then sharded like the
-    tokens, so that each rank scores its own positions and the group's sum is the one-rank sum."""
-    labels = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -100)], dim=1)
+    """The summed next-token loss of a batch, its sequences split over a CP group."""
     with context_parallel.activate(input_ids.shape[1]) as layout:
         positions = layout.positions(input_ids.device).expand(input_ids.shape[0], -1)
         logits = model(input_ids=layout.shard(input_ids), position_ids=positions, use_cache=False).logits
+    return sharded_nll(logits, input_ids, layout, context_parallel)
+
+
+def sharded_nll(logits: torch.Tensor, input_ids: torch.Tensor, layout: SequenceLayout,
+                context_parallel: ContextParallel) -> float:
+    """The group's summed next-token loss from each rank's `logits` of its tokens of `input_ids`. Token t
+    predicts t + 1 (the last predicts nothing): the labels are shifted over the whole sequence first, then
+    sharded like the tokens, so that each rank scores its own positions and the group's sum is the one-rank
+    sum."""
+    labels = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -100)], dim=1)
     nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), layout.shard(labels).flatten(),
                                             ignore_index=-100, reduction="sum")
     return context_parallel.all_reduce_sum(nll).item()
