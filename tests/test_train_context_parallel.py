@@ -62,7 +62,10 @@ def assert_same_training(ours: Path, reference: Path, exact: bool = False) -> No
     a, b = load_file(ours / TRAINABLE), load_file(reference / TRAINABLE)
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]) if exact else torch.allclose(a[key], b[key], rtol=0, atol=2e-5), key
+        # Adam's first steps move a weight by about lr (3e-3) whatever the size of its gradient, so the rounding
+        # of a gradient near zero can show in the weight as a small fraction of lr. (The gradient's scale, to
+        # which Adam is blind, is checked through grad_norm above.)
+        assert torch.equal(a[key], b[key]) if exact else torch.allclose(a[key], b[key], rtol=0, atol=1e-4), key
 
 
 @pytest.fixture(scope="module")
