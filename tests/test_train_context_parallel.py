@@ -24,8 +24,8 @@ TESTS = Path(__file__).parent
 # differently when the keys are ranked in other blocks) are vanishingly rare; 40 tokens are 4 or 8 zig-zag
 # chunks, each shorter than index_topk 16.
 SMALL = ["+model.random_init.index_n_heads=16", "data.seq_len=40"]
-TRAIN = ["experiment=smoke", *SMALL, "distill.stage=sparse", "trainer.max_steps=4", "trainer.save_every=2",
-         "trainer.eval_batches=1", "export=false"]
+TRAIN = ["experiment=smoke", *SMALL, "data.max_records=8", "distill.stage=sparse", "trainer.max_steps=4",
+         "trainer.save_every=2", "trainer.eval_batches=1", "export=false"]
 TRAINABLE = "checkpoints/step4/trainable.safetensors"
 
 
