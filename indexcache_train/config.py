@@ -90,6 +90,7 @@ class TrainerConfig:
     device: str = "auto"
     gpu_memory_fraction: float | None = None  # caps this process's CUDA memory (a smaller GPU, for offload runs)
     check_plan: bool = True  # print the memory plan at start; stop when it does not fit the GPU
+    memory_report_step: int | None = None  # a step whose peak memory is traced by site (CUDA)
 
 
 @dataclass

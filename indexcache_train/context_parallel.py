@@ -14,11 +14,17 @@ is unchanged. Only the layers that mix tokens change, on the sparse forward (`sp
 - the distillation (`IndexerDistillation(..., context_parallel=)`) gathers the indexer keys it recomputes
   with gradients through `gather_sequence`, whose backward sums the keys' gradients over the group and hands
   each rank those of its own tokens; the KL of the local query rows runs against the global keys and is
-  divided by the whole sequence's row count, so the sum of the ranks' losses (and of their indexer
-  gradients) is the one-rank loss (and gradients). Metrics are summed over the group.
+  divided by the whole sequence's row count, so that the sum of the ranks' losses (and of their indexer
+  gradients) is the one-rank loss (and gradients). In the sparse stage the top-k holds global positions; in
+  the dense stage each of a rank's two chunks goes to the dense KL kernels as a block of query rows at its
+  offset in the sequence (`query_start`), whose causal limit is s <= offset + t. The teacher's keys (the
+  gathered latent, or the per-head keys expanded from it) are already the whole sequence's.
+- the sampled recall (`recall_rows`) of the last rows of the sequence: those rows live in the last chunks
+  (rank 0's second chunk, then rank 1's, ...); each rank takes the sampled rows it holds and divides by the
+  count of all of them. Metrics are summed over the group, so every rank reports the one-rank values.
 
-Only the sparse stage on the sparse forward supports it (the dense KL kernels take the queries as the first
-rows of the keys), and no KV cache.
+Both stages and both teacher forms run on the sparse forward; transformers' native path and a KV cache do
+not support it.
 
 In a run (`context_parallel_size` in the train, eval and search configs), `parallel_groups` cuts the world into
 CP groups of consecutive ranks; the groups are the data-parallel replicas, and every rank of one reads the

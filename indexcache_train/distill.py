@@ -28,7 +28,7 @@ from torch import nn
 
 from .adapters import apply_indexcache, current_pattern, get_adapter
 from .capture import AttentionCall, attention_taps
-from .context_parallel import ContextParallel, SequenceLayout, gather_sequence
+from .context_parallel import ContextParallel, Segment, SequenceLayout, gather_sequence
 from .kernels import IndexerKLLoss
 from .metrics import valid_selection
 from .pattern import IndexCachePattern
@@ -45,18 +45,30 @@ def causal_topk(topk_indices: torch.Tensor) -> torch.Tensor:
     return torch.where(valid_selection(topk_indices), topk_indices, -1).to(torch.int32)
 
 
-def sampled_recall(call: AttentionCall, selection: torch.Tensor, rows: int) -> torch.Tensor:
+def sampled_recall(call: AttentionCall, selection: torch.Tensor, rows: int,
+                   layout: SequenceLayout | None = None) -> torch.Tensor:
     """Attention-mass recall of `selection` on the last `rows` queries (those with the most keys), from the
-    dense probabilities of those rows only, so that the metric stays cheap at long context."""
-    seq_len = call.query.shape[2]
-    queries = torch.arange(max(seq_len - rows, 0), seq_len, device=call.query.device)
-    query, key = call.score_operands(queries)
+    dense probabilities of those rows only, so that the metric stays cheap at long context. Context parallel,
+    a rank takes the sampled rows it holds (zig-zag: the last chunks are the first ranks' second ones) and
+    divides by the count of all of them, so that the group's sum is the one-rank mean."""
+    device = call.query.device
+    if layout is None:
+        seq_len = call.query.shape[2]
+        positions = torch.arange(seq_len, device=device)
+    else:
+        seq_len, positions = layout.seq_len, layout.positions(device)
+    sampled = (positions >= seq_len - rows).nonzero().squeeze(1)  # local rows
+    count = selection.shape[0] * min(rows, seq_len)
+    if sampled.numel() == 0:
+        return torch.zeros((), device=device)
+    queries = positions[sampled]
+    query, key = call.score_operands(sampled)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * call.scaling
-    causal = torch.arange(seq_len, device=scores.device)[None, :] <= queries[:, None]
+    causal = torch.arange(seq_len, device=device)[None, :] <= queries[:, None]
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=1)  # [B, rows, L]
-    chosen = selection[:, queries].long()
+    chosen = selection[:, sampled].long()
     valid = (chosen >= 0) & (chosen <= queries[None, :, None])
-    return (probs.gather(-1, chosen.clamp_min(0)) * valid).sum(-1).mean()
+    return (probs.gather(-1, chosen.clamp_min(0)) * valid).sum() / count
 
 
 class IndexerDistillation(nn.Module):
@@ -75,10 +87,9 @@ class IndexerDistillation(nn.Module):
         if teacher_form not in TEACHER_FORMS:
             raise ValueError(f"Unknown teacher form {teacher_form!r}; choose from {TEACHER_FORMS}.")
         if context_parallel is not None and context_parallel.size > 1:
-            if stage != "sparse" or not uses_sparse_forward(model) or teacher_form == "expanded":
-                raise ValueError("Context parallelism runs the sparse stage on the sparse forward, with the "
-                                 "absorbed teacher.")
-            recall_rows = 0  # the sampled recall takes the last rows of the sequence on one rank
+            if not uses_sparse_forward(model):
+                raise ValueError("Context parallelism runs on the sparse forward (use_sparse_forward), whose "
+                                 "attention and indexers gather their keys over the group.")
         else:
             context_parallel = None
         self.context_parallel = context_parallel
@@ -94,20 +105,29 @@ class IndexerDistillation(nn.Module):
         the expanded form for the dense stage, whose keys are contiguous and where FLOPs count more."""
         return self.teacher_form == "absorbed" or (self.teacher_form == "auto" and self.stage == "sparse")
 
-    def add_teacher(self, kl: IndexerKLLoss, call: AttentionCall, native_absorbed: AbsorbedTeacher | None):
+    def add_teacher(self, kl: IndexerKLLoss, call: AttentionCall, native_absorbed: AbsorbedTeacher | None,
+                    layout: SequenceLayout | None = None):
         """Hand one served layer's attention to its group's KL in the chosen teacher form; its mean KL."""
         if not call.latent:  # transformers' native forward: expanded keys, the latent recorded by hooks
             query, key = native_absorbed(call) if native_absorbed else (call.query, call.key)
             return kl.add_layer(query, key, call.scaling)
-        if not self.absorbed:
-            return kl.add_layer(call.query, expanded_key(call.module, call.key), call.scaling)
-        if self.stage == "dense":  # the dense KL takes a layer whole
-            return kl.add_layer(*call.score_operands(), call.scaling)
-        for start in range(0, call.query.shape[2], TEACHER_BLOCK_ROWS):
-            rows = slice(start, start + TEACHER_BLOCK_ROWS)
-            query, key = call.score_operands(rows)
-            layer_loss = kl.add_layer(query, key, call.scaling, query_start=start,
-                                      teacher_lse=call.lse[:, :, rows])
+        if self.stage == "sparse" and self.absorbed:  # blocks of rows: the top-k holds their keys' positions
+            for start in range(0, call.query.shape[2], TEACHER_BLOCK_ROWS):
+                rows = slice(start, start + TEACHER_BLOCK_ROWS)
+                query, key = call.score_operands(rows)
+                layer_loss = kl.add_layer(query, key, call.scaling, query_start=start,
+                                          teacher_lse=call.lse[:, :, rows])
+                del query  # before the next block is folded: one block alive, not two
+            return layer_loss
+        # Each run of positions whole, against all keys from its position: the sequence on one rank, the two
+        # zig-zag chunks under context parallelism (the latent key is the gathered one).
+        key = call.key if self.absorbed else expanded_key(call.module, call.key)
+        segments = [Segment(0, 0, call.query.shape[2])] if layout is None else layout.segments
+        for segment in segments:
+            rows = slice(segment.local_start, segment.local_start + segment.length)
+            query = call.score_operands(rows)[0] if self.absorbed else call.query[:, :, rows]
+            layer_loss = kl.add_layer(query, key, call.scaling, query_start=segment.local_start,
+                                      query_position=segment.global_start)
         return layer_loss
 
     @property
@@ -155,7 +175,7 @@ class IndexerDistillation(nn.Module):
                     # The group's keys, whose gradients go back to their ranks; the fused indexer's top-k
                     # holds global positions, -1 in its empty slots.
                     key = gather_sequence(projections.key, layout)
-                    topk, total_rows = output.to(torch.int32), key.shape[0] * key.shape[1]
+                    topk, total_rows = output.to(torch.int32) if sparse else None, key.shape[0] * key.shape[1]
             layer = indexer.layer_idx
             groups[layer] = IndexerKLLoss(
                 projections.query, key, projections.weights,
@@ -172,9 +192,10 @@ class IndexerDistillation(nn.Module):
 
         def add_layer(call: AttentionCall) -> None:
             kl = groups[self.pattern.source_layer(call.layer)]
-            metrics[f"kl/layer{call.layer}"] = self.add_teacher(kl, call, native_absorbed)
+            metrics[f"kl/layer{call.layer}"] = self.add_teacher(kl, call, native_absorbed, layout)
             if self.recall_rows:
-                metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows)
+                metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows,
+                                                                      layout)
 
         hooks = [indexer.register_forward_hook(open_group) for indexer in self.indexers.values()]
         try:

@@ -18,18 +18,18 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
   groups       F R [(Hi Di + Di + Hi)(a + 4) + a (d + q + Di) + 4 k]
                every F layer's IndexerKLLoss lives until the loss: its q/k/w with grad, their fp32 gradient
                accumulators, the inputs the projections' backward saved, and the group's int32 top-k
-  attention    a R (q + 2 H (n + r) + (c + r)) + max of three phases:
+  attention    a R (q + H (n + r) + (c + r)) + max of three phases:
                  indexer  4 R (Hi Di + Di + Hi) + 4 min(2^28, b L^2) + 4 R k   (fp32 q/k/w, logits block, top-k)
-                 KL       4 min(2^26, R k) + b min(16384, L) H (a (c + r) + 4 c) + a R H v + 4 R H
-                          (p buffer, the absorbed teacher block and its fp32 nope fold; the taps run after
-                          the attention, so its output and log-sum-exp are still there)
-                 sparse   b C H (a (c + r) + 4 c + a c) + a R H v + a R d, C = min(8192, L)
-                          (absorbed query block, its fp32 nope fold, latent output, attention output, o_proj)
+                 KL       4 min(2^26, R k) + b min(16384, L) H a (c + r) + a R H v + 4 R H
+                          (p buffer, the absorbed teacher block; the taps run after the attention, so its
+                          output and log-sum-exp are still there)
+                 sparse   b C H (a (c + r) + a c) + a R H v + a R d, C = min(8192, L)
+                          (absorbed query block, latent output, attention output, o_proj)
   mlp          in blocks of M = b min(16384, L) tokens, M_e = b min(16384 / e, L) for an MoE (the frozen
                forward's MLP blocks): max(dense 3 a M I + a M d,
                routed 3 a M_e e I_e + (2 a + 8) M_e e d + 3 a M_e I_e n_shared + 4 M_e E + a M_e d) + a R d
                (gate/up and the activation; the routed copies: sorted input, expert output, its fp32 weighted
-               and unpermuted forms; the block's input; the output)
+               and unpermuted forms, which are no copies when a = 4; the block's input; the output)
   peak         stream + groups + max(attention, mlp)
 
 Calibration: `activation_scale` multiplies the activation terms and `reserve_gib` is set aside for the CUDA
@@ -55,6 +55,7 @@ ACTIVATION_SCALE = 1.14  # measured peaks over the activation terms (module docs
 H200_GIB = 139.8  # torch.cuda.get_device_properties(...).total_memory of an H200, in GiB
 PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
 MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters: gathered ones it may keep resident
+REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size: ZeRO-3 keeps a gradient bucket this large on the GPU
 LOGITS_BLOCK, P_BUFFER = 1 << 28, 1 << 26  # elements: the indexer top-k's and the sparse KL's fp32 blocks
 # rows per block: sparse attention queries, absorbed teacher rows in the KL, MLP tokens of the frozen forward
 ATTENTION_ROWS, TEACHER_ROWS, MLP_ROWS = 8192, 16384, 16384
@@ -163,6 +164,8 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
         weights = frozen_bytes
     optimizer = _optimizer_bytes(params_trainable, largest_trainable, world_size, zero_stage, offload_param,
                                  offload_optimizer)
+    if zero_stage == 3:  # allocated at start for contiguous gradients, whatever the trainable count
+        optimizer += REDUCE_BUCKET * dtype_bytes
     terms = activation_terms(model.config, batch=micro_batch_size, seq_len=seq_len,
                              num_full=len(pattern.full_layers), act_bytes=dtype_bytes)
     activations = activation_scale * (terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"]))
@@ -189,11 +192,10 @@ def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_byt
     stream = 3 * a * rows * d
     groups = num_full * rows * (index_elems * (a + 4) + a * (d + q + di) + 4 * k)
     indexer = 4 * rows * index_elems + 4 * min(logits_block, b * L * L) + 4 * rows * k
-    kl = (4 * min(P_BUFFER, rows * k) + b * min(TEACHER_ROWS, L) * H * (a * (c + r) + 4 * c)
-          + a * rows * H * v + 4 * rows * H)
+    kl = 4 * min(P_BUFFER, rows * k) + b * min(TEACHER_ROWS, L) * H * a * (c + r) + a * rows * H * v + 4 * rows * H
     chunk = min(ATTENTION_ROWS, L)
-    sparse = b * chunk * H * (a * (c + r) + 4 * c + a * c) + a * rows * H * v + a * rows * d
-    attention = a * rows * (q + 2 * H * (n + r) + (c + r)) + max(indexer, kl, sparse)
+    sparse = b * chunk * H * (a * (c + r) + a * c) + a * rows * H * v + a * rows * d
+    attention = a * rows * (q + H * (n + r) + (c + r)) + max(indexer, kl, sparse)
     experts = getattr(config, "n_routed_experts", None) or 0
     block = b * min(MLP_ROWS, L)
     dense_mlp = 3 * a * block * config.intermediate_size
@@ -201,7 +203,8 @@ def activation_terms(config, *, batch: int, seq_len: int, num_full: int, act_byt
     if experts:
         per_token = config.num_experts_per_tok
         block_e = b * min(MLP_ROWS // per_token, L)
-        routed = (3 * a * block_e * per_token * config.moe_intermediate_size + (2 * a + 8) * block_e * per_token * d
+        upcasts = 8 if a < 4 else 0  # the two fp32 forms are copies only when activations are not fp32
+        routed = (3 * a * block_e * per_token * config.moe_intermediate_size + (2 * a + upcasts) * block_e * per_token * d
                   + 3 * a * block_e * config.moe_intermediate_size * (getattr(config, "n_shared_experts", 0) or 0)
                   + 4 * block_e * experts + a * block_e * d)
     mlp = max(dense_mlp + a * block * d, routed) + a * rows * d

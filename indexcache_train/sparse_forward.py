@@ -13,8 +13,11 @@ scores [B, L, H_I, L]. `use_sparse_forward(model)` switches a model, in place, t
 
   so every head attends to one shared latent key [c_s, k_rope_s] (kv_lora + rope dims) and each selected key
   is gathered once for all heads (`kernels.sparse_mla_attention`);
-- **keys** left in latent form: each attention's `expand_kv` returns the latent [B, 1, T, kv_lora + rope]
-  and c_s as the value, instead of H expanded keys and values;
+- **the attention's own forward** (per instance, as Liger-Kernel patches a module): transformers' steps in
+  transformers' order, with two differences. The keys stay in latent form, [B, 1, T, kv_lora + rope] with
+  c_s as the value, instead of H expanded keys and values; and RoPE rotates the query's rope slice in place,
+  a block of rows at a time, where transformers keeps the `q_b_proj` output alive (a view of it) beside a
+  concatenated copy: one [B, H, L, nope + rope] query instead of two (2 x 9.8 GB at 200K tokens);
 - **mask** (`AttentionMaskInterface`): a stride-0 view of one element; the kernels apply causality from the
   positions, so the "mask" costs no memory at any L;
 - **selection**: each indexer's forward computes sum_h w relu(q_h . k) in fp32 blocks and its top-k
@@ -39,6 +42,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
 from .adapters import ADAPTERS, get_adapter
 from .capture import TAPPING_IMPLEMENTATIONS, AttentionCall, run_taps
@@ -57,7 +62,7 @@ MLP_CHUNK_ROWS = 16384
 def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None,
                         **kwargs):
     """An `AttentionInterface` function: query [B, H, L, nope + rope], key the latent [B, 1, T, kv_lora + rope]
-    (see `_latent_kv`), indices [B, L, k]. Returns ([B, L, H, v_head_dim], None) as the native ones do."""
+    (see `_latent_attention_forward`), indices [B, L, k]. Returns ([B, L, H, v_head_dim], None) as the native ones do."""
     if indices is None:
         raise RuntimeError(f"{SPARSE_ATTENTION} attention needs the DSA top-k (indices=); layer {module.layer_idx} "
                            "passed none.")
@@ -72,7 +77,7 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
     else:
         segments = [(0, latent.shape[1] - seq_len, seq_len)]  # a global offset > 0 when a cache holds earlier tokens
     weight = module.kv_b_proj.weight
-    with zero3_gathered([weight]):  # expand_kv no longer runs kv_b_proj, so ZeRO-3 does not gather it for us
+    with zero3_gathered([weight]):  # the keys stay latent, so no kv_b_proj call makes ZeRO-3 gather it for us
         w_v = weight.view(heads, nope + module.v_head_dim, lora)[:, nope:]  # [H, v, kv_lora]
         output = query.new_empty(batch, seq_len, heads, module.v_head_dim)
         lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=query.device)
@@ -85,6 +90,7 @@ def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None,
                                                                 query_start=query_start + start - local_start,
                                                                 return_lse=True)
                 output[:, rows] = torch.einsum("bthc,hvc->bthv", latent_out, w_v.to(latent_out.dtype))
+                del q_absorbed, latent_out  # before the next block's: one block alive, not two
         # After the attention, so that the sparse KL can reuse its log-sum-exp; inside the gather, so that
         # the teacher's query folds find kv_b_proj whole instead of gathering it once per block.
         run_taps(AttentionCall(module.layer_idx, module, query, key, scaling, indices, latent=True,
@@ -107,10 +113,46 @@ AttentionMaskInterface.register(SPARSE_ATTENTION, _visible_mask)
 TAPPING_IMPLEMENTATIONS.add(SPARSE_ATTENTION)
 
 
-def _latent_kv(self: nn.Module, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`expand_kv` of an attention on the sparse forward: the latent key [B, 1, T, kv_lora + rope] and the
-    latent c_s as the value, unexpanded."""
-    return torch.cat([kv_nope, k_rot.to(kv_nope.dtype)], dim=-1), kv_nope
+def _latent_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
+                              position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
+                              cache=None, position_ids: torch.Tensor | None = None,
+                              prev_topk_indices: torch.Tensor | None = None, **kwargs):
+    """`forward` of an MLA attention (GlmMoeDsa, DeepseekV32) on the sparse forward: the native signature and
+    outputs, one query tensor and a latent key (see the module docstring)."""
+    batch, seq_len = hidden_states.shape[:-1]
+    nope, lora = self.qk_nope_head_dim, self.kv_lora_rank
+    q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
+    query = self.q_b_proj(q_resid).view(batch, seq_len, -1, self.qk_head_dim).transpose(1, 2)
+    kv_pass, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [lora, self.qk_rope_head_dim], dim=-1)
+    k_pass = self.kv_a_layernorm(kv_pass).view(batch, 1, seq_len, lora)
+    k_rot = k_rot.view(batch, 1, seq_len, self.qk_rope_head_dim)
+    cos, sin = position_embeddings
+    rotated_keys = []
+    for start in range(0, seq_len, ATTENTION_CHUNK_ROWS):
+        rows = slice(start, start + ATTENTION_CHUNK_ROWS)
+        query[:, :, rows, nope:], rotated = apply_rotary_pos_emb_interleave(
+            query[:, :, rows, nope:], k_rot[:, :, rows], cos[:, rows], sin[:, rows])
+        rotated_keys.append(rotated)
+    k_rot = torch.cat(rotated_keys, dim=2)
+    if cache is not None:
+        k_pass, k_rot = cache.update(k_pass, k_rot, self.layer_idx, kwargs=kwargs)
+    latent_key = torch.cat([k_pass, k_rot.to(k_pass.dtype)], dim=-1)
+
+    shares_topk = hasattr(self, "skip_topk")  # GlmMoeDsa: a layer without indexer reuses the previous top-k
+    if self.indexer is None:
+        if prev_topk_indices is None:
+            raise ValueError("Shared DSA layers require top-k indices from a previous full indexer layer.")
+        topk_indices = prev_topk_indices
+    else:
+        topk_indices = self.indexer(hidden_states, q_resid, position_embeddings, attention_mask[:, 0, :, :],
+                                    position_ids, cache=cache)
+    del q_resid
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _sparse_mla_forward)
+    output, weights = attention(self, query, latent_key, k_pass, attention_mask, scaling=self.scaling,
+                                indices=topk_indices, **kwargs)
+    del query
+    output = self.o_proj(output.reshape(batch, seq_len, -1))
+    return (output, weights, topk_indices) if shares_topk else (output, weights)
 
 
 def mlp_block_rows(mlp: nn.Module) -> int:
@@ -171,10 +213,10 @@ def use_sparse_forward(model: nn.Module, enabled: bool = True) -> nn.Module:
             raise ValueError(f"The sparse forward needs MLA attention; layer {layer} is {type(attention).__name__}.")
         mlp = adapter.layers(model)[layer].mlp
         if enabled:
-            attention.expand_kv = types.MethodType(_latent_kv, attention)
+            attention.forward = types.MethodType(_latent_attention_forward, attention)
             mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)
         else:
-            vars(attention).pop("expand_kv", None)
+            vars(attention).pop("forward", None)
             vars(mlp).pop("forward", None)
     for indexer in adapter.all_indexers(model):
         if enabled:

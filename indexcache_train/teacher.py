@@ -65,13 +65,17 @@ def absorbed_query(attention: nn.Module, query: torch.Tensor, rows: slice = slic
     """The MLA query [B, H, L, nope + rope] folded through the key half of `kv_b_proj`, for `rows` of L:
     [B, H, n, kv_lora + rope] in the query's dtype (a bf16 fold accumulates in fp32 on the matrix units)."""
     nope, lora = attention.qk_nope_head_dim, attention.kv_lora_rank
-    heads = query.shape[1]
+    selected = query[:, :, rows]
+    batch, heads, n, _ = selected.shape
+    folded = query.new_empty(batch, heads, n, lora + attention.qk_rope_head_dim)
     weight = attention.kv_b_proj.weight
     # Under ZeRO-3 kv_b_proj's weight is partitioned outside its own forward; every rank gathers it here.
     with zero3_gathered([weight]):
-        w_k = weight.view(heads, -1, lora)[:, :nope]  # [H, nope, kv_lora]
-        q_latent = torch.einsum("bhtn,hnc->bhtc", query[:, :, rows, :nope], w_k.to(query.dtype))
-    return torch.cat([q_latent, query[:, :, rows, nope:]], dim=-1)
+        w_k = weight.view(heads, -1, lora)[:, :nope].to(query.dtype)  # [H, nope, kv_lora]
+        for b in range(batch):  # written in place: a concatenation would copy the whole block once more
+            torch.bmm(selected[b, :, :, :nope], w_k, out=folded[b, :, :, :lora])
+    folded[..., lora:] = selected[..., nope:]
+    return folded
 
 
 def expanded_key(attention: nn.Module, latent_key: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,15 @@
   and a warm-up + cosine schedule; resume from a checkpoint when asked;
 - **the loop**: `train_step` (one frozen forward and `engine.backward` per micro-batch), logging, and a
   checkpoint every `trainer.save_every` steps, each holding only the trainable tensors and written atomically;
-  a non-finite loss stops the run before it touches the weights;
+  a non-finite loss stops the run before it touches the weights; `trainer.memory_report_step` traces one
+  step's memory and writes what is alive at its peak, by line of code (`memory_report.py`);
 - **the end**: the final checkpoint, the after-evaluation, `${output_dir}/export` (a Hugging Face folder with
   the pattern in its config), and the before/after table, printed last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +39,7 @@ from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
 from .export import export_indexcache
 from .files import write_text_atomically
+from .memory_report import MemoryTrace, format_report
 from .metrics import lm_loss
 from .modeling import LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype
 from .optim import warmup_cosine
@@ -79,28 +82,22 @@ def check_run_config(cfg: DictConfig, model_config) -> None:
         ("data.batch_size", cfg.data.batch_size, cfg.data.batch_size >= 1, "at least 1"),
         ("distill.dense_steps", cfg.distill.dense_steps, cfg.distill.dense_steps >= 0, "at least 0"),
     ]
+    report_step = trainer.memory_report_step
+    if report_step is not None:
+        checks.append(("trainer.memory_report_step", report_step, 1 <= report_step <= trainer.max_steps,
+                       f"a step from 1 to trainer.max_steps ({trainer.max_steps}), or null"))
     for key, value, ok, wanted in checks:
         if not ok:
             raise ValueError(f"{key}={value} is invalid: it must be {wanted}.")
 
 
 def check_context_parallel_config(cfg: DictConfig, world_size: int) -> None:
-    """`context_parallel_size` against the world size, the sequence length and what CP supports: the sparse
-    stage (for every step) on the sparse forward, with the absorbed teacher."""
+    """`context_parallel_size` against the world size, the sequence length and the forward CP runs on."""
     size = cfg.context_parallel_size
     check_context_parallel_size(size, world_size, cfg.data.seq_len)
-    if size == 1:
-        return
-    dense_steps = {"dense": cfg.trainer.max_steps, "schedule": cfg.distill.dense_steps}.get(cfg.distill.stage, 0)
-    if dense_steps:
-        raise ValueError(f"context_parallel_size={size} runs the sparse stage only, but distill.stage="
-                         f"{cfg.distill.stage} would run {dense_steps} dense steps: set distill.stage=sparse.")
-    if cfg.model.attn_implementation != SPARSE_ATTENTION:
+    if size > 1 and cfg.model.attn_implementation != SPARSE_ATTENTION:
         raise ValueError(f"context_parallel_size={size} needs the sparse forward: set "
                          f"model.attn_implementation={SPARSE_ATTENTION} (now {cfg.model.attn_implementation}).")
-    if cfg.distill.teacher_form == "expanded":
-        raise ValueError(f"context_parallel_size={size} needs the absorbed teacher: set distill.teacher_form=auto "
-                         "or absorbed.")
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -247,6 +244,8 @@ def train(cfg: DictConfig) -> dict:
         torch.cuda.set_device(device)
     model_config = load_model_config(cfg.model)
     check_run_config(cfg, model_config)
+    if cfg.trainer.memory_report_step is not None and device.type != "cuda":
+        raise ValueError("trainer.memory_report_step traces CUDA memory; this run is on the CPU.")
     check_context_parallel_config(cfg, world_size)
     groups = parallel_groups(cfg.context_parallel_size)
     output_dir = Path(cfg.output_dir)
@@ -316,8 +315,12 @@ def train(cfg: DictConfig) -> dict:
         started = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        record = train_step(engine, batches, cfg, device, trainable, step, last_saved)
+        traced = step + 1 == cfg.trainer.memory_report_step
+        with MemoryTrace(device) if traced else contextlib.nullcontext() as trace:
+            record = train_step(engine, batches, cfg, device, trainable, step, last_saved)
         step += 1
+        if traced:
+            _write_memory_report(trace.report(), output_dir, rank)
         tracker.log({"step": step, "stage": distillation.stage, **record, "lr": engine.get_lr()[0],
                      "tokens_per_s": tokens_per_step / (time.perf_counter() - started),
                      "peak_memory_gib": _peak_memory_gib(device)})
@@ -344,6 +347,12 @@ def train(cfg: DictConfig) -> dict:
     if rank == 0 and before:  # last, so that wandb's summary does not push it off the screen
         print(format_before_after(before, after, summary["pattern"]))
     return summary
+
+
+def _write_memory_report(report: dict, output_dir: Path, rank: int) -> None:
+    write_text_atomically(output_dir / f"memory_report_rank{rank}.json", json.dumps(report, indent=2))
+    if rank == 0:
+        tqdm.write(format_report(report))
 
 
 def _read_json(path: Path) -> dict:

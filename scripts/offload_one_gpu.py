@@ -8,7 +8,8 @@
    both stages, and the export;
 3. reloads the export with plain transformers and checks its pattern and trained indexers;
 4. prints the measured peak (the largest per-step `torch.cuda.max_memory_allocated`) against the plan the
-   trainer printed at start (`plan.json`), and writes both to `<output>/offload_one_gpu.json`.
+   trainer printed at start (`plan.json`), and writes both to `<output>/offload_one_gpu.json`, with the
+   trainer's memory report of the last step (`trainer.memory_report_step`: what is alive at its peak, by site).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def main() -> None:
                f"trainer.gpu_memory_fraction={args.gpu_memory_fraction}", "data.batch_size=1",
                f"trainer.max_steps={args.steps}", "trainer.warmup_steps=1", f"trainer.save_every={args.steps}",
                "trainer.eval_batches=1", "distill.pattern=0.25", "distill.stage=schedule",
-               f"distill.dense_steps={args.steps // 2}", "logger=disabled", f"output_dir={run}", "resume=null"]
+               f"distill.dense_steps={args.steps // 2}", f"trainer.memory_report_step={args.steps}",
+               "logger=disabled", f"output_dir={run}", "resume=null"]
     # Under a cap, blocks freed between layers must be reusable by the next layer's differently sized ones.
     subprocess.run(command, check=True, env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
 
@@ -90,7 +92,8 @@ def main() -> None:
     measured = max(m["peak_memory_gib"] for m in metrics)
     result = {"base_gib": base_bytes / GIB, "gpu_cap_gib": cap / GIB, "pattern": exported.config.index_topk_pattern,
               "export_reloads_with_trained_indexers": reloads, "plan": plan,
-              "peak_by_step_gib": [m["peak_memory_gib"] for m in metrics], **calibration(plan, measured)}
+              "peak_by_step_gib": [m["peak_memory_gib"] for m in metrics], **calibration(plan, measured),
+              "memory_report_last_step": json.loads((run / "memory_report_rank0.json").read_text())}
     write_text_atomically(args.output / "offload_one_gpu.json", json.dumps(result, indent=2))
     print(f"base {result['base_gib']:.1f} GiB on a GPU capped at {result['gpu_cap_gib']:.1f} GiB; export reloads "
           f"with its trained indexers: {reloads}; pattern {result['pattern']}")

@@ -1,5 +1,6 @@
-"""One rank of the context-parallel test (tests/test_context_parallel.py): a sparse-stage distillation step of
-a tiny model, once on this rank alone and once split over the gloo group; writes both runs' results."""
+"""One rank of the context-parallel test (tests/test_context_parallel.py): a distillation step of a tiny model in
+each stage and teacher form, once on this rank alone and once split over the gloo group, with the sampled
+recall; writes both runs' results."""
 
 import sys
 
@@ -15,12 +16,16 @@ from indexcache_train.context_parallel import ContextParallel, gather_sequence  
 from indexcache_train.distill import IndexerDistillation  # noqa: E402
 
 
-def step(model_type: str, input_ids: torch.Tensor, context_parallel):
+# Sampled recall rows: at L = 40 on 2 ranks all in rank 0's second chunk, at 37 and 9 on 4 ranks across chunks.
+RECALL_ROWS = 6
+
+
+def step(model_type: str, input_ids: torch.Tensor, stage: str, teacher_form: str, context_parallel):
     # 16 indexer heads: a logit is an exact tie (0, every head's relu off) with chance 2^-16, not 1/16. torch.topk
     # breaks ties by the width of the key block it ranks, which differs between the runs as between chunkings.
     model = use_sparse_forward(build_tiny(model_type, initializer_range=0.2, index_n_heads=16))
-    distillation = IndexerDistillation(model, "FSSF", stage="sparse", kl_backend="torch", recall_rows=0,
-                                       context_parallel=context_parallel)
+    distillation = IndexerDistillation(model, "FSSF", stage=stage, kl_backend="torch", recall_rows=RECALL_ROWS,
+                                       teacher_form=teacher_form, context_parallel=context_parallel)
     distillation.freeze()
     with capture_topk(model) as captured:
         loss, metrics = distillation(input_ids)
@@ -43,9 +48,9 @@ def refused() -> list[str]:
     """The setups that context parallelism refuses, each with its error."""
     errors = []
     model = build_tiny(initializer_range=0.2)
-    for stage, sparse in (("dense", True), ("sparse", False)):
+    for stage in distill.STAGES:  # transformers' native forward
         try:
-            IndexerDistillation(use_sparse_forward(model, sparse), "FSSF", stage=stage,
+            IndexerDistillation(use_sparse_forward(model, False), "FSSF", stage=stage,
                                 context_parallel=ContextParallel())
         except ValueError as error:
             errors.append(str(error))
@@ -58,7 +63,8 @@ def refused() -> list[str]:
     return errors
 
 
-def main(output: str, model_type: str, *lengths: str) -> None:
+def main(output: str, model_type: str, setups: str, *lengths: str) -> None:
+    """setups: comma-separated stage:teacher_form pairs, e.g. "sparse:auto,dense:auto"."""
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     # Small blocks of attention and teacher rows, so that blocks start inside a rank's chunks and cross them.
@@ -66,8 +72,9 @@ def main(output: str, model_type: str, *lengths: str) -> None:
     results = {"refused": refused()}
     for length in map(int, lengths):
         input_ids = torch.randint(0, 257, (2, length), generator=torch.Generator().manual_seed(length))
-        results[length] = {"one_rank": step(model_type, input_ids, None),
-                           "context_parallel": step(model_type, input_ids, ContextParallel())}
+        results[length] = {setup: {"one_rank": step(model_type, input_ids, *setup, None),
+                                   "context_parallel": step(model_type, input_ids, *setup, ContextParallel())}
+                           for setup in (tuple(pair.split(":")) for pair in setups.split(","))}
     torch.save(results, f"{output}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

@@ -38,6 +38,8 @@ def test_a_non_dsa_model_is_named_from_its_config(tmp_path):
     ("trainer.lr=-1", r"trainer.lr=-1.0 is invalid: it must be a positive number"),
     ("trainer.min_lr_ratio=2", r"trainer.min_lr_ratio=2.0 is invalid"),
     ("data.seq_len=8", r"must exceed the model's index_topk"),
+    ("trainer.memory_report_step=0", r"trainer.memory_report_step=0 is invalid: it must be a step from 1"),
+    ("trainer.memory_report_step=1", r"traces CUDA memory; this run is on the CPU"),
 ])
 def test_settings_are_checked_before_the_model_loads(tmp_path, override, message):
     base = config_only_base(tmp_path, tiny_config(index_topk=16))

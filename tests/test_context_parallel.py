@@ -1,6 +1,6 @@
 """Context parallelism (`context_parallel.py`): gloo groups of 2 and 4 CPU ranks split each sequence zig-zag
-and give the one-rank run's loss, metrics, indexer gradients and top-k, at odd lengths and with chunks
-shorter than the top-k."""
+and give the one-rank run's loss, metrics (the sampled recall included), indexer gradients and top-k, in the
+dense and the sparse stage with either teacher form, at odd lengths and with chunks shorter than the top-k."""
 
 import os
 import subprocess
@@ -31,17 +31,23 @@ def test_zigzag_chunks_cover_the_sequence_and_balance_the_causal_load():
         zigzag_ranges(7, 4)
 
 
+# (stage, teacher form) pairs: each stage in its default form; on one run, each in the other form too.
+DEFAULT_FORMS = [("sparse", "auto"), ("dense", "auto")]
+BOTH_FORMS = [*DEFAULT_FORMS, ("sparse", "expanded"), ("dense", "absorbed")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, model_type, lengths", [
-    (2, "glm_moe_dsa", ["40", "37"]),  # chunks of 10 and an odd length
-    (2, "deepseek_v32", ["37"]),
-    (4, "glm_moe_dsa", ["37", "9"]),  # chunks of 4-5 and of 1-2 tokens, shorter than the top-k of 8
+@pytest.mark.parametrize("nproc, model_type, setups, lengths", [
+    (2, "glm_moe_dsa", BOTH_FORMS, ["40", "37"]),  # chunks of 10 and an odd length
+    (2, "deepseek_v32", DEFAULT_FORMS, ["37"]),
+    (4, "glm_moe_dsa", DEFAULT_FORMS, ["37", "9"]),  # chunks of 4-5 and of 1-2 tokens, shorter than the top-k of 8
 ])
-def test_context_parallel_step_equals_one_rank(tmp_path, nproc, model_type, lengths):
+def test_context_parallel_step_equals_one_rank(tmp_path, nproc, model_type, setups, lengths):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     output = tmp_path / "result"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={29633 + nproc}", str(WORKER), str(output), model_type, *lengths]
+               f"--master_port={29720 + nproc}", str(WORKER), str(output), model_type,
+               ",".join(f"{stage}:{form}" for stage, form in setups), *lengths]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in range(nproc):
@@ -49,16 +55,22 @@ def test_context_parallel_step_equals_one_rank(tmp_path, nproc, model_type, leng
         refused = results.pop("refused")
         assert len(refused) == 3 and all("sparse forward" in e for e in refused[:2]) and "shorter" in refused[2]
         assert sorted(results) == sorted(map(int, lengths))
-        for length, runs in results.items():
-            one, split = runs["one_rank"], runs["context_parallel"]
-            torch.testing.assert_close(split["loss"], one["loss"], rtol=1e-5, atol=1e-7)
-            assert split["metrics"].keys() == one["metrics"].keys()
-            for name in one["metrics"]:
-                torch.testing.assert_close(split["metrics"][name], one["metrics"][name], rtol=1e-5, atol=1e-7)
-            assert split["grads"].keys() == one["grads"].keys()
-            for name in one["grads"]:
-                assert one["grads"][name].abs().max() > 0, name  # every trained tensor gets a gradient
-                torch.testing.assert_close(split["grads"][name], one["grads"][name], rtol=1e-4, atol=1e-7)
-            assert split["topk"].keys() == one["topk"].keys() and len(one["topk"]) == 4
-            for layer in one["topk"]:
-                assert torch.equal(split["topk"][layer], one["topk"][layer]), (length, layer)
+        for length, runs_of in results.items():
+            assert sorted(runs_of) == sorted(setups)
+            for setup, runs in runs_of.items():
+                one, split = runs["one_rank"], runs["context_parallel"]
+                torch.testing.assert_close(split["loss"], one["loss"], rtol=1e-5, atol=1e-7, msg=str(setup))
+                assert split["metrics"].keys() == one["metrics"].keys()
+                assert sum(name.startswith("recall/") for name in one["metrics"]) == 4
+                for name in one["metrics"]:
+                    assert one["metrics"][name] > 0, (setup, name)
+                    torch.testing.assert_close(split["metrics"][name], one["metrics"][name], rtol=1e-5, atol=1e-7,
+                                               msg=f"{setup} {name}")
+                assert split["grads"].keys() == one["grads"].keys()
+                for name in one["grads"]:
+                    assert one["grads"][name].abs().max() > 0, name  # every trained tensor gets a gradient
+                    torch.testing.assert_close(split["grads"][name], one["grads"][name], rtol=1e-4, atol=1e-7,
+                                               msg=f"{setup} {name}")
+                assert split["topk"].keys() == one["topk"].keys() and len(one["topk"]) == 4
+                for layer in one["topk"]:
+                    assert torch.equal(split["topk"][layer], one["topk"][layer]), (length, setup, layer)

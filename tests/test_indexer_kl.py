@@ -64,25 +64,34 @@ def test_layer_by_layer_form_has_the_same_gradient(sparse):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_shards_of_the_query_rows_sum_to_the_whole(backend):
+# The dense Triton kernels at a row offset are tested in tests/test_kernels_dense.py.
+@pytest.mark.parametrize("backend, sparse", [("torch", False), ("torch", True), ("triton", True)])
+def test_shards_of_the_query_rows_sum_to_the_whole(backend, sparse):
     """Context parallel: each shard of query rows (here two zig-zag-like ones) against all keys, total_rows the
-    whole's; the shards' losses and gradients sum to the one-shard ones."""
+    whole's (in dense mode each run of positions added as a block at its position); the shards' losses and
+    gradients sum to the one-shard ones."""
     index, tq, tk = make_inputs(groups=2)
-    topk = random_topk(2, 37, 8)
+    topk = random_topk(2, 37, 8) if sparse else None
     whole = IndexerKLLoss(*index, num_layers=2, topk_indices=topk, backend=backend)
     for g in range(2):
         whole.add_layer(tq[g], tk[g], 0.3)
     loss = whole.loss()
     expected = grads(loss, index)
-    shards = [torch.cat([torch.arange(0, 9), torch.arange(28, 37)]), torch.arange(9, 28)]
+    shards = [[(0, 9), (28, 37)], [(9, 28)]]
     total, summed = 0.0, [torch.zeros_like(t) for t in index]
-    for rows in shards:
+    for runs in shards:
+        rows = torch.cat([torch.arange(start, end) for start, end in runs])
         q, w = index[0][:, rows], index[2][:, rows]
-        shard = IndexerKLLoss(q, index[1], w, num_layers=2, topk_indices=topk[:, rows], backend=backend,
-                              total_rows=2 * 37)
+        shard = IndexerKLLoss(q, index[1], w, num_layers=2, topk_indices=None if topk is None else topk[:, rows],
+                              backend=backend, total_rows=2 * 37)
         for g in range(2):
-            shard.add_layer(tq[g][:, :, rows], tk[g], 0.3)
+            if sparse:  # the top-k holds the keys' positions: the shard's rows go in one block
+                shard.add_layer(tq[g][:, :, rows], tk[g], 0.3)
+                continue
+            local_start = 0
+            for start, end in runs:
+                shard.add_layer(tq[g][:, :, start:end], tk[g], 0.3, query_start=local_start, query_position=start)
+                local_start += end - start
         part = shard.loss()
         total = total + part.detach()
         for acc, g in zip(summed, grads(part, index)):
@@ -90,8 +99,10 @@ def test_shards_of_the_query_rows_sum_to_the_whole(backend):
     torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=1e-7)
     for a, b in zip(summed, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    with pytest.raises(ValueError, match="sparse mode"):
-        IndexerKLLoss(index[0][:, :9], index[1], index[2][:, :9], num_layers=1, total_rows=74)
+    if not sparse:  # a block whose rows would run past the last key
+        shard = IndexerKLLoss(index[0][:, :9], index[1], index[2][:, :9], num_layers=1, total_rows=74)
+        with pytest.raises(ValueError, match="query_start"):
+            shard.add_layer(tq[0][:, :, 28:37], tk[0], 0.3, query_position=30)
 
 
 def test_layer_by_layer_misuse():

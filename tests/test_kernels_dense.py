@@ -39,15 +39,22 @@ def make_inputs(B, L, Hi, Di, G, H, Hk, D, *, dtype=torch.float64, device="cpu",
     return index_q, index_k, index_w, teacher_q, teacher_k, D ** -0.5
 
 
-def reference(index_q, index_k, index_w, teacher_q, teacher_k, scale, dtype=torch.float64):
+def reference(index_q, index_k, index_w, teacher_q, teacher_k, scale, dtype=torch.float64, query_start=0):
     """Reference loss (mean over rows) and the gradients of that mean, computed in `dtype`."""
     leaves = [x.detach().to(dtype).requires_grad_() for x in (index_q, index_k, index_w)]
-    loss = reference_indexer_kl_loss(*leaves, teacher_q.to(dtype), teacher_k.to(dtype), scale)
+    loss = reference_indexer_kl_loss(*leaves, teacher_q.to(dtype), teacher_k.to(dtype), scale,
+                                     query_start=query_start)
     loss.backward()
     return loss.detach(), [x.grad for x in leaves]
 
 
-def run_dense(inputs, *, use_triton, grad_scale=None, prefill=None, **kwargs):
+def row_block(inputs, start, end):
+    """The query rows [start, end) of whole-sequence inputs, against all of its keys."""
+    index_q, index_k, index_w, teacher_q, teacher_k, scale = inputs
+    return index_q[:, start:end], index_k, index_w[:, start:end], teacher_q[..., start:end, :], teacher_k, scale
+
+
+def run_dense(inputs, *, use_triton, grad_scale=None, prefill=None, query_start=0, **kwargs):
     index_q, index_k, index_w, teacher_q, teacher_k, scale = inputs
     B, L = index_q.shape[:2]
     grad_scale = 1.0 / (B * L) if grad_scale is None else grad_scale
@@ -58,10 +65,10 @@ def run_dense(inputs, *, use_triton, grad_scale=None, prefill=None, **kwargs):
     if kwargs:  # tile / split overrides exist on the Triton launcher only
         assert use_triton
         total = dense._dense_kl_triton(index_q, index_k, index_w, teacher_q, teacher_k, scale, grad_scale,
-                                       *accs, **kwargs)
+                                       *accs, query_start=query_start, **kwargs)
     else:
         total = dense_kl_accumulate(index_q, index_k, index_w, teacher_q, teacher_k, scale, grad_scale, *accs,
-                                    use_triton=use_triton)
+                                    use_triton=use_triton, query_start=query_start)
     assert total.dtype == torch.float32 and total.dim() == 0 and not total.requires_grad
     return total, accs
 
@@ -73,10 +80,10 @@ def assert_close_rel(actual, expected, rtol, what):
     assert err < rtol, f"{what}: relative error {err:.3g} >= {rtol}"
 
 
-def check_against_reference(inputs, *, use_triton, rtol, **kwargs):
+def check_against_reference(inputs, *, use_triton, rtol, query_start=0, **kwargs):
     B, L = inputs[0].shape[:2]
-    ref_loss, ref_grads = reference(*inputs)
-    total, accs = run_dense(inputs, use_triton=use_triton, **kwargs)
+    ref_loss, ref_grads = reference(*inputs, query_start=query_start)
+    total, accs = run_dense(inputs, use_triton=use_triton, query_start=query_start, **kwargs)
     assert abs(total.item() / (B * L) - ref_loss.item()) <= rtol * abs(ref_loss.item()) + 1e-7
     for acc, grad, name in zip(accs, ref_grads, ("d_index_q", "d_index_k", "d_index_weights")):
         assert_close_rel(acc, grad, rtol, name)
@@ -173,6 +180,58 @@ def test_triton_non_contiguous_inputs():
                             rtol=TRITON_RTOL)
 
 
+# A block of query rows at an offset among the keys (a context-parallel rank's chunk): unaligned to the 32-row
+# CPU tiles, a block of one row, a block at the start and one that ends before the last key.
+OFFSET_BLOCKS = [(0, 13), (13, 14), (14, 50), (50, 77)]
+
+
+@pytest.mark.parametrize("use_triton", [pytest.param(True, marks=needs_triton), False])
+@pytest.mark.parametrize("block", OFFSET_BLOCKS[1:], ids=lambda b: f"rows{b[0]}-{b[1]}")
+def test_query_offset_matches_reference(use_triton, block):
+    device = TRITON_DEVICE if use_triton else "cpu"
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    inputs = make_inputs(2, 77, 3, 24, 2, 4, 2, 40, dtype=dtype, device=device, seed=13)
+    start, end = block
+    check_against_reference(row_block(inputs, start, end), use_triton=use_triton,
+                            rtol=TRITON_RTOL if use_triton else 1e-6, query_start=start)
+
+
+@pytest.mark.parametrize("use_triton", [pytest.param(True, marks=needs_triton), False])
+def test_query_offset_blocks_sum_to_the_whole(use_triton):
+    """Blocks of rows, each at its offset and divided by the whole's row count, add up to the whole sequence's
+    loss and gradients (the keys' gradients from every block into one accumulator); Triton in several query
+    chunks of a block, with split key blocks and dK head splits."""
+    device = TRITON_DEVICE if use_triton else "cpu"
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    inputs = make_inputs(1, 77, 3, 24, 2, 4, 1, 40, dtype=dtype, device=device, seed=14)
+    ref_loss, ref_grads = reference(*inputs)
+    B, T = inputs[0].shape[:2]
+    d_q, d_k, d_w = (torch.zeros(x.shape, dtype=torch.float32, device=device) for x in inputs[:3])
+    splits = dict(chunk_rows=32 if INTERPRET else 128, ksplit=2, head_splits=2) if use_triton else {}
+    total = 0.0
+    for start, end in OFFSET_BLOCKS:
+        index_q, index_k, index_w, teacher_q, teacher_k, scale = row_block(inputs, start, end)
+        args = (index_q, index_k, index_w, teacher_q, teacher_k, scale, 1.0 / (B * T), d_q[:, start:end], d_k,
+                d_w[:, start:end])
+        if use_triton:
+            total += dense._dense_kl_triton(*args, query_start=start, **splits).item()
+        else:
+            total += dense_kl_accumulate(*args, use_triton=False, query_start=start).item()
+    rtol = TRITON_RTOL if use_triton else 1e-6
+    assert abs(total / (B * T) - ref_loss.item()) <= rtol * ref_loss.item()
+    for acc, grad, name in zip((d_q, d_k, d_w), ref_grads, ("d_index_q", "d_index_k", "d_index_weights")):
+        assert_close_rel(acc, grad, rtol, name)
+
+
+def test_query_offset_out_of_range_is_reported():
+    index_q, index_k, index_w, teacher_q, teacher_k, scale = row_block(make_inputs(1, 20, 2, 16, 1, 2, 1, 16), 10, 20)
+    accs = [torch.zeros(x.shape, dtype=torch.float32) for x in (index_q, index_k, index_w)]
+    for query_start in (11, -1):
+        with pytest.raises(ValueError, match="query_start"):
+            dense_kl_accumulate(index_q, index_k, index_w, teacher_q, teacher_k, scale, 1.0, *accs, use_triton=False,
+                                query_start=query_start)
+
+
 def test_torch_bf16_inputs():
     """bf16 inputs on the torch path are computed in fp32: same as the reference on the same bf16 values."""
     inputs = make_inputs(1, 60, 3, 32, 2, 4, 1, 48, dtype=torch.bfloat16, seed=8)
@@ -206,6 +265,25 @@ def test_gpu_bf16_matches_reference(case):
     rows = c["B"] * c["L"]
     total, accs = run_dense(inputs, use_triton=True)
     assert abs(total.item() / rows - ref_loss.item()) < 1e-2 * ref_loss.item()
+    for acc, grad, name in zip(accs, ref_grads, ("d_index_q", "d_index_k", "d_index_weights")):
+        assert_close_rel(acc, grad, 1e-2, name)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(INTERPRET, reason="native Triton on CUDA")
+@pytest.mark.parametrize("case", ["mha_d192", "mqa_d576"])
+def test_gpu_bf16_query_offset_matches_reference(case):
+    """A context-parallel rank's chunk: rows at an offset that is no multiple of the tiles, against every key
+    of the sequence (keys past the block's last row included, and ignored)."""
+    c = GPU_CASES[case]
+    inputs = make_inputs(c["B"], c["L"], c["Hi"], c["Di"], c["G"], c["H"], c["Hk"], c["D"], dtype=torch.bfloat16,
+                         device="cuda", seed=15)
+    start, end = c["L"] // 3 + 5, 2 * c["L"] // 3
+    block = row_block(inputs, start, end)
+    ref_loss, ref_grads = reference(*block, dtype=torch.float32, query_start=start)
+    total, accs = run_dense(block, use_triton=True, query_start=start)
+    assert abs(total.item() / (c["B"] * (end - start)) - ref_loss.item()) < 1e-2 * ref_loss.item()
     for acc, grad, name in zip(accs, ref_grads, ("d_index_q", "d_index_k", "d_index_weights")):
         assert_close_rel(acc, grad, 1e-2, name)
 

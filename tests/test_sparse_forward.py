@@ -62,14 +62,15 @@ def test_logits_and_topk_equal_the_native_forward(model_type, input_ids, pattern
     assert all(same_sets(topk[layer], native_topk[layer]) for layer in topk)
 
 
-def test_the_mlp_in_blocks_gives_the_same_forward(model_type, input_ids, monkeypatch):
+@pytest.mark.parametrize("blocks", ["MLP_CHUNK_ROWS", "ATTENTION_CHUNK_ROWS"])
+def test_row_blocks_give_the_same_forward(model_type, input_ids, blocks, monkeypatch):
     import indexcache_train.sparse_forward as sparse_forward
 
     model = use_sparse_forward(build_tiny(model_type))
     whole, _ = forward(model, input_ids)
-    monkeypatch.setattr(sparse_forward, "MLP_CHUNK_ROWS", 16)  # 40 tokens: blocks of 16, 16 and 8
-    blocks, _ = forward(model, input_ids)
-    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(sparse_forward, blocks, 16)  # 40 tokens: blocks of 16, 16 and 8
+    in_blocks, _ = forward(model, input_ids)
+    torch.testing.assert_close(in_blocks, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_switching_back_and_patterns_keep_the_state(model_type, input_ids):

@@ -24,7 +24,8 @@ TESTS = Path(__file__).parent
 # differently when the keys are ranked in other blocks) are vanishingly rare; 40 tokens are 4 or 8 zig-zag
 # chunks, each shorter than index_topk 16.
 SMALL = ["+model.random_init.index_n_heads=16", "data.seq_len=40"]
-TRAIN = ["experiment=smoke", *SMALL, "data.max_records=8", "distill.stage=sparse", "trainer.max_steps=4",
+# A dense step, then sparse ones.
+TRAIN = ["experiment=smoke", *SMALL, "data.max_records=8", "distill.dense_steps=1", "trainer.max_steps=4",
          "trainer.save_every=2", "trainer.eval_batches=1", "export=false"]
 TRAINABLE = "checkpoints/step4/trainable.safetensors"
 
@@ -56,7 +57,7 @@ def per_step(output_dir: Path) -> list[dict]:
 def assert_same_training(ours: Path, reference: Path, exact: bool = False) -> None:
     steps, reference_steps = per_step(ours), per_step(reference)
     assert [m["step"] for m in steps] == [m["step"] for m in reference_steps] == [1, 2, 3, 4]
-    for key in ("loss", "kl_group/layer0", "kl_group/layer2", "grad_norm"):
+    for key in ("loss", "kl_group/layer0", "kl_group/layer2", "recall/layer1", "grad_norm"):
         got, expected = [m[key] for m in steps], [m[key] for m in reference_steps]
         assert got == expected if exact else got == pytest.approx(expected, rel=1e-5), key
     a, b = load_file(ours / TRAINABLE), load_file(reference / TRAINABLE)
@@ -89,9 +90,9 @@ def test_two_rank_context_parallel_trains_as_one_rank(one_rank, context_parallel
                                                                    "trainable.safetensors").items())
     for table in ("eval_before.json", "eval_after.json"):  # the before/after table's LM loss and KLs
         ours, reference = (json.loads((d / table).read_text()) for d in (context_parallel_2, one_rank))
-        keys = ["lm_loss", "kl_group/layer0", "kl_group/layer2"] + ["lm_loss_as_loaded"] * (table == "eval_before.json")
+        keys = ["lm_loss", "mean_recall", "kl_group/layer0", "kl_group/layer2"]
+        keys += ["lm_loss_as_loaded"] * (table == "eval_before.json")
         assert [ours[k] for k in keys] == pytest.approx([reference[k] for k in keys], rel=1e-5), table
-        assert ours["mean_recall"] is None and reference["mean_recall"] is not None  # not sampled under CP
 
 
 def test_context_and_data_parallel_compose(tmp_path):
@@ -160,7 +161,6 @@ def test_two_rank_context_parallel_search_equals_one_rank(tmp_path):
 @pytest.mark.parametrize(("overrides", "error"), [
     (["context_parallel_size=3"], "does not divide the world size 2"),
     (["context_parallel_size=2", "data.seq_len=3"], "into 4 zig-zag chunks; data.seq_len=3 is shorter"),
-    (["context_parallel_size=2", "distill.stage=schedule", "distill.dense_steps=1"], "set distill.stage=sparse"),
     (["context_parallel_size=2", "model.attn_implementation=sdpa"], "model.attn_implementation=indexcache_sparse"),
 ])
 def test_context_parallel_settings_it_cannot_run_are_refused(overrides, error):

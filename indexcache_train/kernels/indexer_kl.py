@@ -130,20 +130,20 @@ class IndexerKLLoss:
             kl.add_layer(teacher_q, teacher_k, scale)   # [B, H, L, D], [B, Hk, L, D]; freed by the caller after
         loss = kl.loss()                       # mean over layers and rows; backward gives the index gradients
 
-    In sparse mode a layer may also arrive in blocks of query rows, `add_layer(teacher_q_rows, teacher_k,
-    scale, query_start=r0)` with teacher_q [B, H, n, D] for rows r0 .. r0 + n - 1 and all keys, so that a long
+    A layer may also arrive in blocks of query rows, `add_layer(teacher_q_rows, teacher_k, scale,
+    query_start=r0)` with teacher_q [B, H, n, D] for rows r0 .. r0 + n - 1 and all keys, so that a long
     sequence's teacher never exists whole; the layer is complete once all L rows have been added.
 
-    Context parallel (sparse mode): index_q and index_weights may hold a shard of the sequence's query rows
-    and index_k, the teacher keys and the top-k all T keys of the sequence; `total_rows` is then B * T, the
-    rows the mean is over, so that the shards' losses and gradients sum to the whole sequence's.
+    Context parallel: index_q and index_weights may hold a shard of the sequence's query rows and index_k,
+    the teacher keys and (sparse mode) the top-k all T keys of the sequence; `total_rows` is then B * T, the
+    rows the mean is over, so that the shards' losses and gradients sum to the whole sequence's. In dense
+    mode each block of rows names the sequence position of its first row (`query_position`), which sets
+    its causal limit; a shard of several runs of positions comes as one block per run.
     """
 
     def __init__(self, index_q, index_k, index_weights, *, num_layers: int, topk_indices=None,
                  backend: str | None = None, check_indices: bool = True, total_rows: int | None = None):
         sharded = total_rows is not None
-        if sharded and topk_indices is None:
-            raise ValueError("A shard of the query rows (total_rows=) is for sparse mode only.")
         _check_index_tensors(index_q, index_k, index_weights, index_k.shape[1] if sharded else None)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
@@ -162,11 +162,15 @@ class IndexerKLLoss:
         self._open_rows, self._open_total = 0, None  # a layer arriving in row blocks
 
     def add_layer(self, teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float,
-                  query_start: int = 0, teacher_lse: torch.Tensor | None = None) -> torch.Tensor | None:
+                  query_start: int = 0, teacher_lse: torch.Tensor | None = None,
+                  query_position: int | None = None) -> torch.Tensor | None:
         """Add one served layer (or a block of its query rows, see the class docstring): teacher_q
-        [B, H, n, D] and teacher_k [B, Hk, L, D]. In sparse mode `teacher_lse` [B, H, n] (fp32, natural log)
+        [B, H, n, D] and teacher_k [B, Hk, T, D]. In sparse mode `teacher_lse` [B, H, n] (fp32, natural log)
         may carry each head's log-sum-exp over the selection, as the sparse attention computed it, which
-        saves the kernel a pass. Returns the layer's mean KL once it is complete, else None."""
+        saves the kernel a pass. In dense mode `query_position` is the sequence position of the block's first
+        row, whose query sees keys s <= query_position (default query_start: the rows are the keys' first
+        ones); in sparse mode the top-k already holds the keys' positions. Returns the layer's mean KL once
+        it is complete, else None."""
         if len(self.layer_losses) == self.num_layers:
             raise RuntimeError(f"All {self.num_layers} served layers were already added.")
         if teacher_q.dim() != 4 or teacher_k.dim() != 4:
@@ -175,8 +179,6 @@ class IndexerKLLoss:
         seq_len, block = index_q.shape[1], teacher_q.shape[2]
         rows = slice(query_start, query_start + block)
         if block != seq_len:
-            if self.topk_indices is None:
-                raise ValueError("Blocks of query rows are for sparse mode; dense mode takes the layer whole.")
             if query_start != self._open_rows or query_start + block > seq_len:
                 raise ValueError(f"Row block {query_start}..{query_start + block - 1} does not continue the "
                                  f"{self._open_rows} rows added so far of L = {seq_len}.")
@@ -191,7 +193,8 @@ class IndexerKLLoss:
             total = _accumulate(index_q[:, rows], index_k, index_weights[:, rows], teacher_q.detach().unsqueeze(0),
                                 teacher_k.detach().unsqueeze(0), teacher_scale, topk, grad_scale,
                                 d_q[:, rows], d_k, d_w[:, rows], self.backend,
-                                None if teacher_lse is None else teacher_lse.float().unsqueeze(0))
+                                None if teacher_lse is None else teacher_lse.float().unsqueeze(0),
+                                query_start if query_position is None else query_position)
         self._open_total = total if self._open_total is None else self._open_total + total
         self._open_rows += block
         if self._open_rows < seq_len:
@@ -209,11 +212,11 @@ class IndexerKLLoss:
 
 
 def _accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
-                grad_scale, d_q, d_k, d_w, backend, teacher_lse=None) -> torch.Tensor:
+                grad_scale, d_q, d_k, d_w, backend, teacher_lse=None, query_position=0) -> torch.Tensor:
     use_triton = backend == "triton"
     if topk_indices is None:
         return dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                                   grad_scale, d_q, d_k, d_w, use_triton=use_triton)
+                                   grad_scale, d_q, d_k, d_w, use_triton=use_triton, query_start=query_position)
     return sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
                                 topk_indices, grad_scale, d_q, d_k, d_w, use_triton=use_triton,
                                 teacher_lse=teacher_lse)

@@ -6,33 +6,38 @@ Teacher         p[b,t,s] = mean_{g,h} softmax_s(scale * q_T[g,b,h,t] . k_T[g,b,h
 Loss            mean_{b,t} KL(p[b,t] || softmax_s(I[b,t]))
 
 Dense mode: the support of row t is every s <= t. Sparse mode: it is the set of valid entries of
-topk_indices[b,t] (-1 marks an empty slot), for the teacher's heads and the student alike.
+topk_indices[b,t] (-1 marks an empty slot), for the teacher's heads and the student alike. The rows may be a
+block of the keys' sequence, row t at position query_start + t: then s <= query_start + t.
 """
 
 import torch
 
 
-def support_mask(batch: int, seq_len: int, device, topk_indices: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean [B, L, L]: True where key s is in query t's support."""
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+def support_mask(batch: int, seq_len: int, device, topk_indices: torch.Tensor | None = None, *,
+                 num_keys: int | None = None, query_start: int = 0) -> torch.Tensor:
+    """Boolean [B, L, T] (T = num_keys, default L): True where key s is in the support of query row t, at
+    position query_start + t."""
+    num_keys = seq_len if num_keys is None else num_keys
+    position = query_start + torch.arange(seq_len, device=device)
+    causal = torch.arange(num_keys, device=device)[None, :] <= position[:, None]
     if topk_indices is None:
-        return causal.expand(batch, seq_len, seq_len)
+        return causal.expand(batch, seq_len, num_keys)
     valid = topk_indices >= 0
-    selected = torch.zeros(batch, seq_len, seq_len + 1, dtype=torch.bool, device=device)
+    selected = torch.zeros(batch, seq_len, num_keys + 1, dtype=torch.bool, device=device)
     # Empty slots scatter into a spare column that is dropped afterwards.
-    selected.scatter_(-1, torch.where(valid, topk_indices.long(), seq_len), True)
-    return selected[..., :seq_len] & causal
+    selected.scatter_(-1, torch.where(valid, topk_indices.long(), num_keys), True)
+    return selected[..., :num_keys] & causal
 
 
 def student_logits(index_q: torch.Tensor, index_k: torch.Tensor, index_weights: torch.Tensor) -> torch.Tensor:
-    """I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s]), as [B, L, L]."""
+    """I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s]), as [B, L, T]."""
     scores = torch.einsum("bthd,bsd->bths", index_q, index_k).relu()
     return torch.einsum("bth,bths->bts", index_weights, scores)
 
 
 def teacher_probs(teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scale: float,
                   support: torch.Tensor) -> torch.Tensor:
-    """Head- and layer-averaged attention probabilities over `support`, as [B, L, L]."""
+    """Head- and layer-averaged attention probabilities over `support`, as [B, L, T]."""
     num_heads, num_kv_heads = teacher_q.shape[2], teacher_k.shape[2]
     keys = teacher_k.repeat_interleave(num_heads // num_kv_heads, dim=2)
     scores = torch.einsum("gbhtd,gbhsd->gbhts", teacher_q, keys) * teacher_scale
@@ -42,13 +47,16 @@ def teacher_probs(teacher_q: torch.Tensor, teacher_k: torch.Tensor, teacher_scal
 
 
 def reference_indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, *,
-                              topk_indices=None) -> torch.Tensor:
-    """Materialising reference of `indexcache_train.kernels.indexer_kl_loss`. Computes in at least fp32."""
+                              topk_indices=None, query_start: int = 0) -> torch.Tensor:
+    """Materialising reference of `indexcache_train.kernels.indexer_kl_loss`, the mean over the B*L query
+    rows; index_k [B, T, Di] and teacher_k [G, B, Hk, T, D] may hold more keys than rows, the rows then at
+    positions query_start .. query_start + L - 1. Computes in at least fp32."""
     dtype = torch.promote_types(index_q.dtype, torch.float32)
     index_q, index_k, index_weights = (x.to(dtype) for x in (index_q, index_k, index_weights))
     teacher_q, teacher_k = teacher_q.detach().to(dtype), teacher_k.detach().to(dtype)
     batch, seq_len = index_q.shape[:2]
-    support = support_mask(batch, seq_len, index_q.device, topk_indices)
+    support = support_mask(batch, seq_len, index_q.device, topk_indices, num_keys=index_k.shape[1],
+                           query_start=query_start)
 
     target = teacher_probs(teacher_q, teacher_k, teacher_scale, support)
     # A finite fill keeps a row with an empty support NaN-free in the backward; its target is 0 anyway.
