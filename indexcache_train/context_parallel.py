@@ -178,11 +178,10 @@ def active_layout() -> SequenceLayout | None:
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """How a run's ranks divide: CP groups of `context_size` consecutive ranks, which are the `data_size`
-    data-parallel replicas; this rank is in replica `data_rank`. `context_parallel` is None without CP."""
+    """How a run's ranks divide: CP groups of consecutive ranks, which are the `data_size` data-parallel
+    replicas; this rank is in replica `data_rank`, and `context_parallel` is its group (None without CP)."""
 
     context_parallel: ContextParallel | None
-    context_size: int
     data_rank: int
     data_size: int
 
@@ -203,7 +202,7 @@ def parallel_groups(size: int) -> ParallelGroups:
     """The CP groups of `size` consecutive ranks (every rank must call it: creating a group is collective)."""
     if size == 1:
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        return ParallelGroups(None, 1, rank, world_size)
+        return ParallelGroups(None, rank, world_size)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     if size < 1 or world_size % size:
         raise ValueError(f"context_parallel_size={size} does not divide the world size {world_size}.")
@@ -212,7 +211,7 @@ def parallel_groups(size: int) -> ParallelGroups:
         group = dist.new_group(list(range(first, first + size)))
         if first <= rank < first + size:
             own = group
-    return ParallelGroups(ContextParallel(own), size, rank // size, world_size // size)
+    return ParallelGroups(ContextParallel(own), rank // size, world_size // size)
 
 
 def cli_context_parallel(size: int, seq_len: int, module: str) -> ContextParallel | None:
