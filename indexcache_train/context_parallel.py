@@ -100,6 +100,12 @@ class SequenceLayout:
         """This rank's tokens of a whole-sequence tensor (the sequence along `dim`)."""
         return tokens.index_select(dim, self.positions(tokens.device))
 
+    def model_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A transformers forward's `input_ids` and `position_ids` for this rank's tokens of `input_ids` [B, L]:
+        at their positions in the sequence, so that RoPE is the one-rank run's."""
+        positions = self.positions(input_ids.device).expand(input_ids.shape[0], -1)
+        return {"input_ids": self.shard(input_ids), "position_ids": positions}
+
 
 def gather_sequence(local: torch.Tensor, layout: SequenceLayout, dim: int = 1) -> torch.Tensor:
     """The whole sequence, in order, from every rank's local tokens along `dim`. Differentiable: the gradient

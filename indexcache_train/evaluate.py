@@ -11,14 +11,14 @@ Only query rows with more than `index_topk` candidate keys count in the overlap 
 others every selection holds every key, and both would be 1 by construction.
 
 With `context_parallel_size` > 1 (launched on that many ranks), each sequence is split over the ranks and the
-LM losses are the one-rank ones; the overlap and the recall, which need every query row on one rank, are
-skipped.
+LM losses, the overlap and the recall are the one-rank ones.
 
     indexcache-eval model.name_or_path=/path/to/dsa pattern=FSSSFSSS data.files=val.jsonl
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
 from .config import CONFIG_DIR, check_known_keys, register_configs
-from .context_parallel import ContextParallel, cli_context_parallel
+from .context_parallel import ContextParallel, active_layout, cli_context_parallel, gather_sequence
 from .data import load_batches
 from .metrics import attention_recall, index_overlap, lm_loss
 from .modeling import build_model_and_tokenizer, check_seq_len
@@ -63,7 +63,7 @@ class EvalReport:
     indexer_gflops_per_sequence: float
     indexer_gflops_per_sequence_all_full: float
     shared_layers: list[SharedLayerStats] = field(default_factory=list)
-    context_parallel_size: int = 1  # > 1: the overlap and the recall were not measured
+    context_parallel_size: int = 1  # ranks that split each sequence
 
 
 def indexer_flops_per_layer(config, seq_len: int) -> float:
@@ -75,14 +75,21 @@ def indexer_flops_per_layer(config, seq_len: int) -> float:
 
 
 @torch.no_grad()
-def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePattern) -> list[SharedLayerStats]:
-    """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F."""
+def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePattern,
+                  context_parallel: ContextParallel | None = None) -> list[SharedLayerStats]:
+    """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F. With
+    `context_parallel`, every rank gathers each layer's queries and selections and measures the whole
+    sequence (a chunk's rows need the probabilities over all earlier keys; the keys are already gathered)."""
     topk = model.config.index_topk
     selections: dict[int, torch.Tensor] = {}
     sums = {layer: torch.zeros(2, dtype=torch.float64) for layer in pattern.shared_layers}
     rows = 0
 
     def on_attention(call: AttentionCall) -> None:
+        layout = active_layout()
+        if layout is not None:
+            call = dataclasses.replace(call, query=gather_sequence(call.query, layout, dim=2),
+                                       topk_indices=gather_sequence(call.topk_indices, layout))
         selections[call.layer] = call.topk_indices
         if call.layer in sums:
             shared = selections[pattern.source_layer(call.layer)]
@@ -93,7 +100,11 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
 
     with attention_taps(model, on_attention):
         for ids in tqdm(batches, desc="overlap and recall (all-F)"):
-            model(input_ids=ids)
+            if context_parallel is None:
+                model(input_ids=ids)
+            else:
+                with context_parallel.activate(ids.shape[1]) as layout:
+                    model(**layout.model_inputs(ids), use_cache=False)
             rows += ids.shape[0] * (ids.shape[1] - topk)
     return [
         SharedLayerStats(layer, pattern.source_layer(layer), *(sums[layer] / rows).tolist())
@@ -121,8 +132,7 @@ def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | st
         print(f"Skipping the all-F reference: {error}")
     else:
         loss_full = lm_loss(model, batches, "LM loss (all-F)", context_parallel)
-        if context_parallel is None:
-            stats = sharing_stats(model, batches, pattern)
+        stats = sharing_stats(model, batches, pattern, context_parallel)
     apply_indexcache(model, pattern)
     loss = lm_loss(model, batches, f"LM loss ({pattern})", context_parallel)
     per_layer = indexer_flops_per_layer(model.config, seq_len)
@@ -147,9 +157,6 @@ def format_report(report: EvalReport) -> str:
     lines.append(f"indexer FLOPs removed {report.indexer_flops_removed:.1%} "
                  f"({report.indexer_gflops_per_sequence_all_full:.3g} -> {report.indexer_gflops_per_sequence:.3g} "
                  "GFLOP per sequence)")
-    if report.context_parallel_size > 1:
-        lines.append(f"overlap and recall: not measured when {report.context_parallel_size} ranks split each "
-                     "sequence (context_parallel_size)")
     if report.shared_layers:
         lines.append("S layer  source  index overlap  attention recall")
         for s in report.shared_layers:

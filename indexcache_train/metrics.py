@@ -71,8 +71,7 @@ def lm_loss(model, batches: Iterable[torch.Tensor], desc: str,
 def sequence_nll(model, input_ids: torch.Tensor, context_parallel: ContextParallel) -> float:
     """The summed next-token loss of a batch, its sequences split over a CP group."""
     with context_parallel.activate(input_ids.shape[1]) as layout:
-        positions = layout.positions(input_ids.device).expand(input_ids.shape[0], -1)
-        logits = model(input_ids=layout.shard(input_ids), position_ids=positions, use_cache=False).logits
+        logits = model(**layout.model_inputs(input_ids), use_cache=False).logits
     return sharded_nll(logits, input_ids, layout, context_parallel)
 
 
