@@ -1,6 +1,6 @@
-"""Context parallelism in the trainer, the eval and the search CLIs, on CPU over gloo: a sequence split over the ranks of
-a CP group trains and evaluates as on one rank, composes with data parallelism, and resumes exactly after a
-kill -9."""
+"""Context parallelism in the trainer, the eval and the search CLIs, on CPU over gloo: a sequence split over
+the ranks of a CP group trains, evaluates and searches as on one rank, composes with data parallelism, and
+resumes exactly after a kill -9."""
 
 import json
 import os
