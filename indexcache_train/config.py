@@ -114,7 +114,7 @@ class LoggerConfig:
 class PlanSettings:
     world_size: int = 1
     gpu_memory_gib: float | None = None  # None: the visible GPU's, times trainer.gpu_memory_fraction
-    activation_scale: float = 1.14  # calibration: multiplies the activation terms (plan.ACTIVATION_SCALE)
+    activation_scale: float = 0.98  # calibration: multiplies the activation terms (plan.ACTIVATION_SCALE)
     reserve_gib: float = 2.0  # CUDA context, NCCL buffers and allocator slack, kept free
 
 

@@ -6,13 +6,15 @@ c = kv_lora_rank, q = q_lora_rank, d = hidden_size; Hi, Di, k the indexer's head
 dense MLP width, I_e / E / e the expert width, count and experts per token; a = 2 bytes (bf16 activations),
 w = 2 bytes per frozen weight (1 for an FP8 base kept in FP8); N the GPUs, F the number of F layers.
 
-weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w (max(M, 1e9) + 5e7):
-           the gathered parameters DeepSpeed may keep resident (the largest module gathered whole, M: the
-           fused experts of one MoE layer, or its default stage3_max_live_parameters, 1e9), plus its prefetch
-           bucket (5e7).
+weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w (1e9 + M): the gathered
+           parameters DeepSpeed keeps available. Its stage3_max_live_parameters (default 1e9) stops the
+           prefetching, not the fetch of the module the forward needs now, so up to one more module comes on
+           top: M, the largest module gathered whole (the fused experts of one MoE layer). The capped offload
+           run's memory report (scripts/offload_one_gpu.py) saw 1.41e9 gathered, with 1e9 + M = 1.8e9.
 optimizer  the F indexers' states, from DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs`
            with P_trainable and the largest trainable module), which count 16-bit weights and gradients,
-           fp32 master weights, Adam moments and, for ZeRO-3, one gathered trainable module.
+           fp32 master weights, Adam moments and, for ZeRO-3, one gathered trainable module; plus, for ZeRO-3,
+           w 5e8: the gradient bucket of its default reduce_bucket_size, allocated at start whatever P_trainable.
 activations the frozen sparse forward's peak, per GPU, in bytes:
   stream       3 a R d                                   (hidden states, residual, normed input)
   groups       F R [(Hi Di + Di + Hi)(a + 4) + a (d + q + Di) + 4 k]
@@ -35,10 +37,10 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
 Calibration: `activation_scale` multiplies the activation terms and `reserve_gib` is set aside for the CUDA
 context, NCCL and the allocator; `calibration(plan, measured_gib)` says which factor a measured peak implies.
 Every term is in `plan.json` under `terms_gib`, so a measured peak can be compared term by term. The terms
-alone come to 0.88-0.90 of measured peaks: on an H200 (docs/results/bench_long_context_h200.json, the sparse
-step of a 4-layer DeepSeek-V3.2-shaped model at 64K / 128K / 200K: 1.17 / 1.14 / 1.13 implied) and on a CPU
-(tests/test_plan.py: 1.10), so the default scale is `ACTIVATION_SCALE` = 1.14, which puts those three H200
-peaks within 2%.
+alone come to 1.01-1.02 of measured peaks on an H200 (docs/results/bench_long_context_h200.json, the sparse
+step of a 4-layer DeepSeek-V3.2-shaped model at 64K / 128K / 200K: 0.985 / 0.979 / 0.977 implied) and to 1.14
+of one on a CPU (tests/test_plan.py, fp32), so the default scale is `ACTIVATION_SCALE` = 0.98, which puts those
+three H200 peaks within 1%. `trainer.memory_report_step` shows what a step holds at its peak, by line of code.
 """
 
 from __future__ import annotations
@@ -51,9 +53,8 @@ import torch
 from torch import nn
 
 GIB = 2**30
-ACTIVATION_SCALE = 1.14  # measured peaks over the activation terms (module docstring)
+ACTIVATION_SCALE = 0.98  # measured peaks over the activation terms (module docstring)
 H200_GIB = 139.8  # torch.cuda.get_device_properties(...).total_memory of an H200, in GiB
-PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
 MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters: gathered ones it may keep resident
 REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size: ZeRO-3 keeps a gradient bucket this large on the GPU
 LOGITS_BLOCK, P_BUFFER = 1 << 28, 1 << 26  # elements: the indexer top-k's and the sparse KL's fp32 blocks
@@ -158,7 +159,7 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
 
     if zero_stage == 3:
         share = 0 if offload_param != "none" else frozen_bytes / world_size
-        gathered = max(largest, MAX_LIVE_PARAMETERS) + PREFETCH_BUCKET
+        gathered = MAX_LIVE_PARAMETERS + largest
         weights = share + dtype_bytes * min(frozen_bytes / dtype_bytes, gathered)
     else:
         weights = frozen_bytes
