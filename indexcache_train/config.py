@@ -61,6 +61,7 @@ class EvalConfig:
     num_batches: int | None = 8  # None: the whole split
     device: str = "auto"
     output_dir: str = "outputs/eval"
+    context_parallel_size: int = 1  # ranks splitting each sequence (a CP group); divides the world size
 
 
 @dataclass
@@ -127,6 +128,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     plan: PlanSettings = field(default_factory=PlanSettings)  # the start-of-run memory plan (world_size unused)
     seed: int = 0  # one seed for the run: random init, data order and every RNG (train.yaml passes it on)
+    context_parallel_size: int = 1  # ranks splitting each sequence (a CP group); divides the world size
     output_dir: str = "outputs/train"
     resume: str | None = None  # auto: continue from the latest checkpoint in output_dir, if any; or a path
     export: bool = True  # write ${output_dir}/export at the end
@@ -160,6 +162,7 @@ class SearchConfig:
     resume: bool = True  # continue from ${output_dir}/search.json when it holds an unfinished search
     device: str = "auto"
     output_dir: str = "outputs/search"
+    context_parallel_size: int = 1  # ranks splitting each sequence (a CP group); divides the world size
 
 
 @dataclass

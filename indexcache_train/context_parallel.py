@@ -25,10 +25,15 @@ is unchanged. Only the layers that mix tokens change, on the sparse forward (`sp
 
 Both stages and both teacher forms run on the sparse forward; transformers' native path and a KV cache do
 not support it.
+
+In a run (`context_parallel_size` in the train, eval and search configs), `parallel_groups` cuts the world into
+CP groups of consecutive ranks; the groups are the data-parallel replicas, and every rank of one reads the
+same batches.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +99,12 @@ class SequenceLayout:
     def shard(self, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's tokens of a whole-sequence tensor (the sequence along `dim`)."""
         return tokens.index_select(dim, self.positions(tokens.device))
+
+    def model_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A transformers forward's `input_ids` and `position_ids` for this rank's tokens of `input_ids` [B, L]:
+        at their positions in the sequence, so that RoPE is the one-rank run's."""
+        positions = self.positions(input_ids.device).expand(input_ids.shape[0], -1)
+        return {"input_ids": self.shard(input_ids), "position_ids": positions}
 
 
 def gather_sequence(local: torch.Tensor, layout: SequenceLayout, dim: int = 1) -> torch.Tensor:
@@ -169,3 +180,59 @@ _active: SequenceLayout | None = None
 def active_layout() -> SequenceLayout | None:
     """The layout of the sequence now running context-parallel, or None."""
     return _active
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """How a run's ranks divide: CP groups of consecutive ranks, which are the `data_size` data-parallel
+    replicas; this rank is in replica `data_rank`, and `context_parallel` is its group (None without CP)."""
+
+    context_parallel: ContextParallel | None
+    data_rank: int
+    data_size: int
+
+
+def check_context_parallel_size(size: int, world_size: int, seq_len: int) -> None:
+    """The errors a `context_parallel_size` can meet before any model loads."""
+    if size < 1:
+        raise ValueError(f"context_parallel_size={size} is invalid: it must be at least 1.")
+    if world_size % size:
+        raise ValueError(f"context_parallel_size={size} does not divide the world size {world_size}: launch a "
+                         "multiple of it ranks.")
+    if size > 1 and seq_len < 2 * size:
+        raise ValueError(f"context_parallel_size={size} cuts each sequence into {2 * size} zig-zag chunks; "
+                         f"data.seq_len={seq_len} is shorter.")
+
+
+def parallel_groups(size: int) -> ParallelGroups:
+    """The CP groups of `size` consecutive ranks (every rank must call it: creating a group is collective)."""
+    if size == 1:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return ParallelGroups(None, rank, world_size)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world_size % size:
+        raise ValueError(f"context_parallel_size={size} does not divide the world size {world_size}.")
+    own = None
+    for first in range(0, world_size, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            own = group
+    return ParallelGroups(ContextParallel(own), rank // size, world_size // size)
+
+
+def cli_context_parallel(size: int, seq_len: int, module: str) -> ContextParallel | None:
+    """The CP group of a CLI `module` that runs one group (eval, search): None at size 1, else the whole
+    world of a launcher's `size` ranks (NCCL on GPU, gloo on CPU; no DeepSpeed)."""
+    if size == 1:
+        return None
+    launch = f"launch it on {size} ranks: torchrun --nproc_per_node {size} -m {module} ..."
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(f"context_parallel_size={size} splits each sequence over {size} ranks; {launch}")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world_size = dist.get_world_size()
+    check_context_parallel_size(size, world_size, seq_len)
+    if world_size != size:
+        raise ValueError(f"{module} runs one context-parallel group, but {world_size} ranks were launched; "
+                         f"{launch}")
+    return ContextParallel()

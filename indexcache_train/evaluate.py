@@ -10,11 +10,15 @@ For a DSA model, a pattern and data, it reports:
 Only query rows with more than `index_topk` candidate keys count in the overlap and the recall: on the
 others every selection holds every key, and both would be 1 by construction.
 
+With `context_parallel_size` > 1 (launched on that many ranks), each sequence is split over the ranks and the
+LM losses, the overlap and the recall are the one-rank ones.
+
     indexcache-eval model.name_or_path=/path/to/dsa pattern=FSSSFSSS data.files=val.jsonl
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable
@@ -29,11 +33,13 @@ from tqdm.auto import tqdm
 from .adapters import apply_indexcache, get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
 from .config import CONFIG_DIR, check_known_keys, register_configs
+from .context_parallel import ContextParallel, active_layout, cli_context_parallel, gather_sequence
 from .data import load_batches
 from .metrics import attention_recall, first_choosing_row, index_overlap, lm_loss
 from .modeling import build_model_and_tokenizer, check_seq_len
 from .pattern import IndexCachePattern
-from .runtime import resolve_device
+from .runtime import rank, resolve_device
+from .sparse_forward import SPARSE_ATTENTION, uses_sparse_forward
 
 
 @dataclass
@@ -57,6 +63,7 @@ class EvalReport:
     indexer_gflops_per_sequence: float
     indexer_gflops_per_sequence_all_full: float
     shared_layers: list[SharedLayerStats] = field(default_factory=list)
+    context_parallel_size: int = 1  # ranks that split each sequence
 
 
 def indexer_flops_per_layer(config, seq_len: int, compress_rate: int = 1) -> float:
@@ -72,14 +79,21 @@ def indexer_flops_per_layer(config, seq_len: int, compress_rate: int = 1) -> flo
 
 
 @torch.no_grad()
-def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePattern) -> list[SharedLayerStats]:
-    """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F."""
+def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePattern,
+                  context_parallel: ContextParallel | None = None) -> list[SharedLayerStats]:
+    """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F. With
+    `context_parallel`, every rank gathers each layer's queries and selections and measures the whole
+    sequence (a chunk's rows need the probabilities over all earlier keys; the keys are already gathered)."""
     topk = first_choosing_row(model)
     selections: dict[int, torch.Tensor] = {}
     sums = {layer: torch.zeros(2, dtype=torch.float64) for layer in pattern.shared_layers}
     rows = 0
 
     def on_attention(call: AttentionCall) -> None:
+        layout = active_layout()
+        if layout is not None:
+            call = dataclasses.replace(call, query=gather_sequence(call.query, layout, dim=2),
+                                       topk_indices=gather_sequence(call.topk_indices, layout))
         selections[call.layer] = call.topk_indices
         if call.layer in sums:
             shared = selections[pattern.source_layer(call.layer)]
@@ -90,7 +104,11 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
 
     with attention_taps(model, on_attention):
         for ids in tqdm(batches, desc="overlap and recall (all-F)"):
-            model(input_ids=ids)
+            if context_parallel is None:
+                model(input_ids=ids)
+            else:
+                with context_parallel.activate(ids.shape[1]) as layout:
+                    model(**layout.model_inputs(ids), use_cache=False)
             rows += ids.shape[0] * (ids.shape[1] - topk)
     return [
         SharedLayerStats(layer, pattern.source_layer(layer), *(sums[layer] / rows).tolist())
@@ -98,24 +116,29 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
     ]
 
 
-def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | str | float) -> EvalReport:
-    """Evaluate `pattern` on `model` (left running with the pattern applied afterwards)."""
+def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | str | float,
+             context_parallel: ContextParallel | None = None) -> EvalReport:
+    """Evaluate `pattern` on `model` (left running with the pattern applied afterwards). With
+    `context_parallel`, every rank of the group passes the whole batches."""
     adapter = get_adapter(model)
     pattern = IndexCachePattern.coerce(pattern, adapter.num_layers(model))
     if not batches:
         raise ValueError("No evaluation batch: the data is empty.")
     seq_len = batches[0].shape[1]
     check_seq_len(model.config, seq_len)
+    if context_parallel is not None and not uses_sparse_forward(model):
+        raise ValueError(f"context_parallel_size={context_parallel.size} needs the sparse forward: set "
+                         f"model.attn_implementation={SPARSE_ATTENTION}.")
     loss_full, stats = None, []
     try:
         apply_indexcache(model, IndexCachePattern.all_full(pattern.num_layers))
     except ValueError as error:  # a checkpoint exported with S layers has no all-F form
         print(f"Skipping the all-F reference: {error}")
     else:
-        loss_full = lm_loss(model, batches, "LM loss (all-F)")
-        stats = sharing_stats(model, batches, pattern)
+        loss_full = lm_loss(model, batches, "LM loss (all-F)", context_parallel)
+        stats = sharing_stats(model, batches, pattern, context_parallel)
     apply_indexcache(model, pattern)
-    loss = lm_loss(model, batches, f"LM loss ({pattern})")
+    loss = lm_loss(model, batches, f"LM loss ({pattern})", context_parallel)
     per_layer = indexer_flops_per_layer(model.config, seq_len, adapter.candidate_rate(model))
     return EvalReport(
         pattern=str(pattern), seq_len=seq_len, num_sequences=sum(b.shape[0] for b in batches),
@@ -124,7 +147,7 @@ def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | st
         indexer_flops_removed=len(pattern.shared_layers) / pattern.num_layers,
         indexer_gflops_per_sequence=per_layer * len(pattern.full_layers) / 1e9,
         indexer_gflops_per_sequence_all_full=per_layer * pattern.num_layers / 1e9,
-        shared_layers=stats,
+        shared_layers=stats, context_parallel_size=1 if context_parallel is None else context_parallel.size,
     )
 
 
@@ -148,11 +171,14 @@ def format_report(report: EvalReport) -> str:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> EvalReport:
     check_known_keys(cfg, "eval")
+    context_parallel = cli_context_parallel(cfg.context_parallel_size, cfg.data.seq_len, "indexcache_train.evaluate")
     device = resolve_device(cfg.device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     model.to(device).eval()
     batches = load_batches(cfg.data, cfg.num_batches, tokenizer, device)
-    report = evaluate(model, batches, cfg.pattern)
+    report = evaluate(model, batches, cfg.pattern, context_parallel)
+    if rank() != 0:  # every rank of the group holds the same report
+        return report
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "eval.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), **asdict(report)},

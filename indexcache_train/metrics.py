@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .capture import AttentionCall, attention_taps, dense_attention_probs
+from .context_parallel import ContextParallel, SequenceLayout
 
 
 def first_choosing_row(model) -> int:
@@ -58,16 +59,41 @@ def attention_recall(probs: torch.Tensor, selection: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def lm_loss(model, batches: Iterable[torch.Tensor], desc: str) -> float:
-    """Mean next-token loss per predicted token, so that a short last batch weighs no more than its tokens."""
+def lm_loss(model, batches: Iterable[torch.Tensor], desc: str,
+            context_parallel: ContextParallel | None = None) -> float:
+    """Mean next-token loss per predicted token, so that a short last batch weighs no more than its tokens.
+    With `context_parallel`, every rank of the group passes the whole batches and the result is the one-rank
+    loss (`sequence_nll`)."""
     total, tokens = 0.0, 0
     for ids in tqdm(batches, desc=desc):
         predicted = ids[:, 1:].numel()
-        total += model(input_ids=ids, labels=ids).loss.float().item() * predicted
+        if context_parallel is None:
+            total += model(input_ids=ids, labels=ids).loss.float().item() * predicted
+        else:
+            total += sequence_nll(model, ids, context_parallel)
         tokens += predicted
     if not tokens:
         raise ValueError("No evaluation batch: the data is empty.")
     return total / tokens
+
+
+def sequence_nll(model, input_ids: torch.Tensor, context_parallel: ContextParallel) -> float:
+    """The summed next-token loss of a batch, its sequences split over a CP group."""
+    with context_parallel.activate(input_ids.shape[1]) as layout:
+        logits = model(**layout.model_inputs(input_ids), use_cache=False).logits
+    return sharded_nll(logits, input_ids, layout, context_parallel)
+
+
+def sharded_nll(logits: torch.Tensor, input_ids: torch.Tensor, layout: SequenceLayout,
+                context_parallel: ContextParallel) -> float:
+    """The group's summed next-token loss from each rank's `logits` of its tokens of `input_ids`. Token t
+    predicts t + 1 (the last predicts nothing): the labels are shifted over the whole sequence first, then
+    sharded like the tokens, so that each rank scores its own positions and the group's sum is the one-rank
+    sum."""
+    labels = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -100)], dim=1)
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), layout.shard(labels).flatten(),
+                                            ignore_index=-100, reduction="sum")
+    return context_parallel.all_reduce_sum(nll).item()
 
 
 @torch.no_grad()

@@ -13,12 +13,17 @@ Plain greedy costs about N²/2 full forward passes. Two things make it cheaper:
 - **Blocks** (`search.block_size`): the layers are split into blocks searched independently (the others
   all-F), each keeping its share of F layers; fewer candidates per step, and no walk below the block.
 
+With a `ContextParallel` group, each sequence is split over its ranks (`context_parallel.py`): every rank
+holds its zig-zag share of each cached hidden state, runs the layers on the sparse forward at its tokens'
+positions, and the losses are the one-rank ones (`metrics.sharded_nll`).
+
 The cost is counted in decoder-layer forwards (per calibration batch) and compared with plain greedy's full
 passes in `search.json`. The CLI around these is `indexcache_train.search` (`indexcache-search`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -32,10 +37,13 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .adapters import SharedTopK, apply_indexcache, get_adapter
 from .capture import capture_topk
+from .context_parallel import ContextParallel, SequenceLayout
 from .files import write_text_atomically
-from .metrics import lm_loss
+from .metrics import lm_loss, sharded_nll
 from .modeling import check_seq_len
 from .pattern import PAPER_OFFSET, IndexCachePattern
+from .runtime import rank
+from .sparse_forward import SPARSE_ATTENTION, uses_sparse_forward
 
 
 # ---------------------------------------------------------------------------------------------- decoder stack
@@ -57,6 +65,7 @@ class LayerState:
     hidden: torch.Tensor
     prev_topk: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None  # DeepSeek-V4's hash-routed MoE layers read the token ids
+    seq_len: int | None = None  # the sequences' length (context parallel, `hidden` holds this rank's share)
 
 
 class DecoderStack:
@@ -65,10 +74,15 @@ class DecoderStack:
     modules, made as its forward makes them; `layer_forwards` counts the positions run (decoder-layer calls,
     where the pattern covers every decoder layer). Where it covers some only (DeepSeek-V4's CSA layers),
     position j runs the decoder layers from the j-th pattern layer up to the next one (position 0 from the
-    first decoder layer)."""
+    first decoder layer). With `context_parallel`, the states hold this rank's tokens (see the module
+    docstring)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, context_parallel: ContextParallel | None = None):
+        if context_parallel is not None and not uses_sparse_forward(model):
+            raise ValueError(f"context_parallel_size={context_parallel.size} needs the sparse forward: set "
+                             f"model.attn_implementation={SPARSE_ATTENTION}.")
         self.model = model
+        self.context_parallel = context_parallel
         self.adapter = get_adapter(model)
         self.decoder = model.model
         self.num_layers = self.adapter.num_layers(model)
@@ -85,15 +99,28 @@ class DecoderStack:
 
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> LayerState:
+        seq_len = input_ids.shape[1]
+        if self.context_parallel is not None:
+            input_ids = SequenceLayout(seq_len, self.context_parallel.group).shard(input_ids)
         hidden = self.decoder.embed_tokens(input_ids)
         if self.hyper_connections:
             hidden = hidden.unsqueeze(2).expand(-1, -1, self.model.config.hc_mult, -1).contiguous()
-        return LayerState(0, hidden, input_ids=input_ids)
+        return LayerState(0, hidden, input_ids=input_ids, seq_len=seq_len)
 
-    def inputs(self, hidden: torch.Tensor) -> StackInputs:
+    def sequence(self, seq_len: int):
+        """The context in which this rank runs its share of sequences of `seq_len` tokens; yields the layout
+        (None without context parallelism)."""
+        if self.context_parallel is None:
+            return contextlib.nullcontext()
+        return self.context_parallel.activate(seq_len)
+
+    def inputs(self, hidden: torch.Tensor, layout: SequenceLayout | None = None) -> StackInputs:
         """Position ids, rotary embeddings and the causal mask for a batch (any layer's hidden state gives the
         shape, dtype and device they need). Rebuilt on demand: the [B, 1, L, L] mask is too big to cache."""
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        if layout is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        else:
+            position_ids = layout.positions(hidden.device).unsqueeze(0)
         if self.hyper_connections:
             embeds = hidden[:, :, 0]
             mask = create_sliding_window_causal_mask(config=self.model.config, inputs_embeds=embeds,
@@ -110,12 +137,12 @@ class DecoderStack:
         """Run pattern positions state.layer .. stop-1 with the model's current pattern."""
         if state.layer == stop:
             return state
-        inputs = self.inputs(state.hidden)
         self._share_into(state.layer, state.prev_topk)
         hidden, topk = state.hidden, state.prev_topk
         layers = self.adapter.layers(self.model)
-        extra = {"input_ids": state.input_ids} if self.hyper_connections else {}
-        with capture_topk(self.model) as selected:
+        with self.sequence(state.seq_len) as layout, capture_topk(self.model) as selected:
+            inputs = self.inputs(state.hidden, layout)
+            extra = {"input_ids": state.input_ids} if self.hyper_connections else {}
             for layer in range(self.starts[state.layer], self.starts[stop]):
                 if self.passes_topk:
                     extra = {"prev_topk_indices": topk}
@@ -126,7 +153,7 @@ class DecoderStack:
                 if layer in self.position_of:
                     topk = selected[self.position_of[layer]]
         self.layer_forwards += stop - state.layer
-        return LayerState(stop, hidden, topk, state.input_ids)
+        return LayerState(stop, hidden, topk, state.input_ids, state.seq_len)
 
     @torch.no_grad()
     def loss(self, state: LayerState, labels: torch.Tensor) -> float:
@@ -135,6 +162,10 @@ class DecoderStack:
             raise ValueError(f"The loss needs the output of the last layer, got the state entering {state.layer}.")
         hidden = self.decoder.hc_head(state.hidden) if self.hyper_connections else state.hidden
         logits = self.model.lm_head(self.decoder.norm(hidden))
+        if self.context_parallel is not None:
+            with self.sequence(state.seq_len) as layout:
+                total = sharded_nll(logits, labels, layout, self.context_parallel)
+            return total / labels[:, 1:].numel()
         return self.model.loss_function(logits=logits, labels=labels,
                                         vocab_size=self.model.config.vocab_size).float().item()
 
@@ -234,13 +265,14 @@ def score_candidates(stack: DecoderStack, batches: list[torch.Tensor], pattern: 
 
 def greedy_search(model: torch.nn.Module, batches: list[torch.Tensor], *, num_full: int | None = None,
                   ratio: float | None = None, block_size: int | None = None, state_path: str | Path | None = None,
-                  resume: bool = True) -> SearchState:
+                  resume: bool = True, context_parallel: ContextParallel | None = None) -> SearchState:
     """Greedy F→S switches (per block with `block_size`) until each block keeps its quota of F layers.
 
-    With `state_path`, the state is written there after every step (atomically), and a run that finds an
-    unfinished state of the same search there continues it.
+    With `state_path`, the state is written there after every step (atomically, by rank 0), and a run that
+    finds an unfinished state of the same search there continues it. With `context_parallel`, every rank of
+    the group passes the whole batches.
     """
-    stack = DecoderStack(model)
+    stack = DecoderStack(model, context_parallel)
     num_layers = stack.num_layers
     check_seq_len(model.config, batches[0].shape[1])
     blocks = split_blocks(num_layers, block_size)
@@ -255,8 +287,9 @@ def greedy_search(model: torch.nn.Module, batches: list[torch.Tensor], *, num_fu
                          "pass resume=false to overwrite it, or choose another output_dir.")
     if math.isnan(state.all_full_loss):
         apply_indexcache(model, IndexCachePattern.all_full(num_layers))
-        state.all_full_loss = lm_loss(model, batches, "LM loss (all-F)")
+        state.all_full_loss = lm_loss(model, batches, "LM loss (all-F)", context_parallel)
 
+    written = state_path if rank() == 0 else None  # the ranks of a CP group hold the same state
     # `anchor`: every batch's state at or below the lowest layer any remaining step can change.
     anchor = [stack.embed(ids) for ids in batches]
     forwards_before = state.layer_forwards
@@ -278,11 +311,11 @@ def greedy_search(model: torch.nn.Module, batches: list[torch.Tensor], *, num_fu
                                         {str(layer): loss for layer, loss in losses.items()}))
                 state.layer_forwards = forwards_before + stack.layer_forwards
                 state.candidate_evaluations += len(candidates)
-                save_state(state, state_path)
+                save_state(state, written)
                 progress.update()
                 progress.set_postfix(layer=best, loss=f"{losses[best]:.4f}")
     state.done = True
-    save_state(state, state_path)
+    save_state(state, written)
     return state
 
 

@@ -3,6 +3,7 @@ evaluations, `search.json` and `search.png`.
 
     indexcache-search model.name_or_path=/path/to/dsa data.files=calib.jsonl search.ratio=0.125
     indexcache-search ... search.block_size=8       # block-wise
+    torchrun --nproc_per_node 2 -m indexcache_train.search ... context_parallel_size=2   # sequences split
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .adapters import apply_indexcache
 from .config import CONFIG_DIR, check_known_keys, register_configs
+from .context_parallel import cli_context_parallel
 from .data import load_batches
 from .metrics import lm_loss
 from .modeling import build_model_and_tokenizer
 from .pattern import OFFICIAL_OFFSET, PAPER_OFFSET, IndexCachePattern
 from .pattern_search import SearchState, cost_report, greedy_search, nested_patterns, save_state
-from .runtime import resolve_device
+from .runtime import rank, resolve_device
 
 CONVENTIONS = {PAPER_OFFSET: "paper", OFFICIAL_OFFSET: "official"}
 
@@ -30,6 +32,7 @@ def run(cfg: DictConfig) -> dict:
     """The whole `indexcache-search` job: search, reference evaluations, `search.json` and `search.png`."""
     from .plots import plot_search
 
+    context_parallel = cli_context_parallel(cfg.context_parallel_size, cfg.data.seq_len, "indexcache_train.search")
     device = resolve_device(cfg.device)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     model.to(device).eval()
@@ -38,7 +41,8 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("No calibration batch: the data is empty.")
     output = Path(cfg.output_dir)
     state = greedy_search(model, batches, num_full=cfg.search.num_full, ratio=cfg.search.ratio,
-                          block_size=cfg.search.block_size, state_path=output / "search.json", resume=cfg.resume)
+                          block_size=cfg.search.block_size, state_path=output / "search.json", resume=cfg.resume,
+                          context_parallel=context_parallel)
 
     n = state.num_layers
     known = {s.pattern: s.loss for s in state.steps}  # a step's pattern is all-F outside its block
@@ -49,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
         nonlocal evaluated
         if str(pattern) not in known:
             apply_indexcache(model, pattern)
-            known[str(pattern)] = lm_loss(model, batches, f"LM loss ({pattern})")
+            known[str(pattern)] = lm_loss(model, batches, f"LM loss ({pattern})", context_parallel)
             evaluated += 1
         return known[str(pattern)]
 
@@ -66,6 +70,8 @@ def run(cfg: DictConfig) -> dict:
                             "num_full": len(pattern.full_layers), "loss": loss_of(pattern)})
     result = {"final": {"pattern": str(final), "num_full": len(final.full_layers), "loss": loss_of(final)},
               "searched": searched, "uniform": uniform, "cost": cost_report(state, 1 + evaluated)}
+    if rank() != 0:  # every rank of the CP group holds the same result
+        return {**asdict(state), **result}
     save_state(state, output / "search.json", config=OmegaConf.to_container(cfg), **result)
     plot_search(json.loads((output / "search.json").read_text()), output / "search.png")
     print(format_summary(state, result))

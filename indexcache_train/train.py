@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .adapters import ADAPTERS
 from .checkpoint import latest_checkpoint, load_checkpoint, resume_path, save_checkpoint
 from .config import CONFIG_DIR, check_known_keys, register_configs
+from .context_parallel import check_context_parallel_size, parallel_groups
 from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
 from .export import export_indexcache
@@ -44,6 +45,7 @@ from .metrics import lm_loss
 from .modeling import LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype
 from .optim import warmup_cosine
 from .pattern import IndexCachePattern
+from .sparse_forward import SPARSE_ATTENTION
 from .plan import check_run_plan
 from .runtime import all_ranks_finite, init_distributed, mean_over_ranks, resolve_device, seed_everything
 from .tracking import Tracker
@@ -89,6 +91,15 @@ def check_run_config(cfg: DictConfig, model_config) -> None:
     for key, value, ok, wanted in checks:
         if not ok:
             raise ValueError(f"{key}={value} is invalid: it must be {wanted}.")
+
+
+def check_context_parallel_config(cfg: DictConfig, world_size: int) -> None:
+    """`context_parallel_size` against the world size, the sequence length and the forward CP runs on."""
+    size = cfg.context_parallel_size
+    check_context_parallel_size(size, world_size, cfg.data.seq_len)
+    if size > 1 and cfg.model.attn_implementation != SPARSE_ATTENTION:
+        raise ValueError(f"context_parallel_size={size} needs the sparse forward: set "
+                         f"model.attn_implementation={SPARSE_ATTENTION} (now {cfg.model.attn_implementation}).")
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -159,7 +170,7 @@ def pattern_eval(distillation: IndexerDistillation, batches: list[torch.Tensor],
     """LM loss with the pattern, and each layer's KL (in `stage`) and recall of the attention it distils."""
     if not batches:
         return {}
-    loss = lm_loss(distillation.model, batches, "eval: LM loss")
+    loss = lm_loss(distillation.model, batches, "eval: LM loss", distillation.context_parallel)
     training_stage, distillation.stage = distillation.stage, stage
     sums: dict[str, float] = {}
     for ids in batches:
@@ -192,8 +203,15 @@ def format_before_after(before: dict, after: dict, pattern: str) -> str:
 def train_step(engine, batches, cfg: DictConfig, device: torch.device, trainable: list[torch.nn.Parameter],
                step: int, last_saved: Path | None) -> dict[str, float]:
     """One optimizer step over `trainer.gradient_accumulation_steps` micro-batches. Returns the loss and
-    metrics averaged over the micro-batches and the ranks, and the gradient norm."""
+    metrics averaged over the micro-batches and the data-parallel replicas, and the gradient norm.
+
+    Context parallel, a rank's loss is its share of its replica's sequence loss (the C shares of a CP group
+    sum to it), while DeepSpeed averages gradients over all W = C * D ranks. Scaled by C, the average is
+    (1 / (C D)) sum_replicas sum_shares C g_share = (1 / D) sum_replicas g_sequence: the update of D-way data
+    parallelism on the same sequences. The mean over the world of the scaled losses is, likewise, the mean
+    over replicas of their sequence losses; the metrics are already whole-sequence values on every rank."""
     micro_batches = cfg.trainer.gradient_accumulation_steps
+    context_size = cfg.context_parallel_size
     sums: dict[str, torch.Tensor] = {}
     grad_norm = None
     for _ in range(micro_batches):
@@ -203,6 +221,7 @@ def train_step(engine, batches, cfg: DictConfig, device: torch.device, trainable
                 f"The loss is {loss.item()} at step {step + 1}: the run stops before updating the weights. "
                 f"Last good checkpoint: {last_saved or 'none yet'} (untouched)."
             )
+        loss = loss * context_size
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and cfg.deepspeed.zero_stage == 0:
             # Only ZeRO optimizers record the norm; without ZeRO the full gradients are on hand.
@@ -229,6 +248,8 @@ def train(cfg: DictConfig) -> dict:
     check_run_config(cfg, model_config)
     if cfg.trainer.memory_report_step is not None and device.type != "cuda":
         raise ValueError("trainer.memory_report_step traces CUDA memory; this run is on the CPU.")
+    check_context_parallel_config(cfg, world_size)
+    groups = parallel_groups(cfg.context_parallel_size)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resume_path(cfg.resume, output_dir)
@@ -254,19 +275,21 @@ def train(cfg: DictConfig) -> dict:
     eval_batches = load_eval_batches(cfg, tokenizer, device)
     # The loss with every indexer the checkpoint has: what the distilled pattern should come back to.
     with gathered_forward(model):  # no engine gathers ZeRO-3 partitions yet
-        loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded")
+        loss_as_loaded = (lm_loss(model, eval_batches, "eval: LM loss as loaded", groups.context_parallel)
                           if eval_batches and resume_from is None else None)
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
                                        kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
-                                       teacher_form=cfg.distill.teacher_form)
+                                       teacher_form=cfg.distill.teacher_form,
+                                       context_parallel=groups.context_parallel)
     counts = distillation.freeze()
     log.info("Pattern %s: %d trainable parameters (F-layer indexers), %d frozen.", distillation.pattern,
              counts["trainable"], counts["frozen"])
     packed = load_packed(files=cfg.data.files, hub_name=cfg.data.hub_name, seq_len=cfg.data.seq_len,
                          tokenizer=tokenizer, split=cfg.data.split, text_field=cfg.data.text_field,
                          max_records=cfg.data.max_records)
-    loader = build_dataloader(packed, cfg.data.batch_size, seed=cfg.data.seed, rank=rank, world_size=world_size,
-                              infinite=True)
+    # Sharded over the data-parallel replicas: the ranks of one CP group read the same batches.
+    loader = build_dataloader(packed, cfg.data.batch_size, seed=cfg.data.seed, rank=groups.data_rank,
+                              world_size=groups.data_size, infinite=True)
     engine, trainable = build_engine(cfg, distillation, device)
 
     step = 0
@@ -288,7 +311,8 @@ def train(cfg: DictConfig) -> dict:
 
     # ---- the loop
     batches = iter(loader)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.gradient_accumulation_steps * world_size
+    tokens_per_step = (cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.gradient_accumulation_steps
+                       * groups.data_size)
     progress = tqdm(total=cfg.trainer.max_steps, initial=step, desc="distil", disable=rank != 0)
     last_saved = latest_checkpoint(output_dir)
     while step < cfg.trainer.max_steps:
