@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, interpreting
+from .pooled import visible_limit
 
 # The constants, usable inside @triton.jit functions (Triton only reads constexpr globals).
 _LOG2E_C = tl.constexpr(LOG2E)
@@ -103,6 +104,15 @@ def _load_cols(col_ptrs, col_mask, d0, BD: tl.constexpr, D, CAST_FP32: tl.conste
 
 
 @triton.jit
+def _visible(offs_m, offs_n, KPOOL: tl.constexpr):
+    """[rows, keys] support: s <= t, or with pools of KPOOL keys (KPOOL > 1) s <= t - (t + 1) % KPOOL, the
+    last key of the last pool that ends at or before t (see `visible_limit`)."""
+    if KPOOL == 1:
+        return offs_n[None, :] <= offs_m[:, None]
+    return offs_n[None, :] <= (offs_m - (offs_m + 1) % KPOOL)[:, None]
+
+
+@triton.jit
 def _index_logits(iq_rows, s_iq_h, iw_rows, s_iw_h, m_mask, kt1, kt2, HI, DI,
                   BDI1: tl.constexpr, BDI2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAST_FP32: tl.constexpr):
@@ -126,7 +136,7 @@ def _student_lse_kernel(
     L, HI, DI,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h,
     KSPLIT, BDI1: tl.constexpr, BDI2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
 ):
     """Pass A: partial (max, sum) of 2^(I log2 e) over key blocks split, split+j*KSPLIT, ... <= diagonal.
     Grid (KSPLIT, query blocks [heaviest first], B); the splits of a block run side by side and share its q."""
@@ -150,7 +160,7 @@ def _student_lse_kernel(
             kt2 = _load_cols(kcols, n_mask, BDI1, BDI2, DI, CAST_FP32)
         logits = _index_logits(iq_rows, s_iq_h, iw_rows, s_iw_h, m_mask, kt1, kt2, HI, DI,
                                BDI1, BDI2, BLOCK_M, BLOCK_N, CAST_FP32)
-        x = tl.where(offs_n[None, :] <= offs_m[:, None], logits * _LOG2E_C, float("-inf"))
+        x = tl.where(_visible(offs_m, offs_n, KPOOL), logits * _LOG2E_C, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
@@ -162,7 +172,8 @@ def _student_lse_kernel(
 
 @triton.jit
 def _teacher_lse_tile(q1, q2, tk_cols, offs_m, offs_n, L, D, qk_scale2, m_i, l_i,
-                      BD1: tl.constexpr, BD2: tl.constexpr, CAUSAL: tl.constexpr, CAST_FP32: tl.constexpr):
+                      BD1: tl.constexpr, BD2: tl.constexpr, CAUSAL: tl.constexpr, CAST_FP32: tl.constexpr,
+                      KPOOL: tl.constexpr):
     n_mask = offs_n < L
     kt1 = _load_cols(tk_cols, n_mask, 0, BD1, D, CAST_FP32)
     s = tl.dot(q1, kt1)
@@ -171,7 +182,7 @@ def _teacher_lse_tile(q1, q2, tk_cols, offs_m, offs_n, L, D, qk_scale2, m_i, l_i
         s = tl.dot(q2, kt2, s)
     s = s * qk_scale2
     if CAUSAL:
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        s = tl.where(_visible(offs_m, offs_n, KPOOL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
     return m_new, l_i
@@ -183,7 +194,7 @@ def _teacher_lse_kernel(
     L, H, REP, D, qk_scale2,
     s_tq_g, s_tq_b, s_tq_h, s_tq_t, s_tk_g, s_tk_b, s_tk_h, s_tk_t,
     BD1: tl.constexpr, BD2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
 ):
     """lseT (base 2) of one (layer, batch, head, query block): an LSE-only flash-attention forward.
     q stays in registers, k streams; the off-diagonal key blocks run without a mask, the diagonal ones with.
@@ -208,11 +219,11 @@ def _teacher_lse_kernel(
     for start_n in range(0, lo, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_i, l_i = _teacher_lse_tile(q1, q2, k_base + offs_n * s_tk_t, offs_m, offs_n, L, D, qk_scale2,
-                                     m_i, l_i, BD1, BD2, False, CAST_FP32)
+                                     m_i, l_i, BD1, BD2, False, CAST_FP32, KPOOL)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_i, l_i = _teacher_lse_tile(q1, q2, k_base + offs_n * s_tk_t, offs_m, offs_n, L, D, qk_scale2,
-                                     m_i, l_i, BD1, BD2, True, CAST_FP32)
+                                     m_i, l_i, BD1, BD2, True, CAST_FP32, KPOOL)
     lse = m_i + tl.log2(l_i)
     tl.store(lse_ptr + (bh + g * tl.num_programs(1)) * L + offs_m, lse, mask=m_mask)
 
@@ -238,7 +249,7 @@ def _dense_loss_kernel(
     s_tq_g, s_tq_b, s_tq_h, s_tq_t, s_tk_g, s_tk_b, s_tk_h, s_tk_t, s_di_b, s_di_t,
     BDI1: tl.constexpr, BDI2: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr,
     KSPLIT, KV_SHARED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
 ):
     """Pass B over the chunk's rows [t0, t1). Grid (KSPLIT, query blocks of the chunk, B). For one tile the
     head mean p needs every teacher head before the (non-linear) loss can be taken, so the G*H heads are the
@@ -257,7 +268,7 @@ def _dense_loss_kernel(
     for kb in range(split, n_kb, KSPLIT):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < t1
-        valid = (offs_n[None, :] <= offs_m[:, None]) & m_mask[:, None]
+        valid = _visible(offs_m, offs_n, KPOOL) & m_mask[:, None]
         # ---- teacher: p = (1/GH) sum_{g,h} exp2(z * log2e - lse2)
         p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for g in range(G):
@@ -308,7 +319,7 @@ def _dense_dq_kernel(
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h, s_di_b, s_di_t,
     s_dq_b, s_dq_t, s_dq_h, s_dw_b, s_dw_t, s_dw_h,
     BDI1: tl.constexpr, BDI2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
 ):
     """dW and dQ of one (index head, query block): a flash-attention-backward dQ loop, q_h and dQ_h on chip,
     key tiles and dI tiles streaming. Grid (Hi, query blocks, B) with the head fastest, so the Hi programs
@@ -339,7 +350,7 @@ def _dense_dq_kernel(
         if BDI2 > 0:
             k2 = _load_rows(k_rows, n_mask, BDI1, BDI2, DI, CAST_FP32)
             a = tl.dot(q2, tl.trans(k2), a)
-        valid = (offs_n[None, :] <= offs_m[:, None]) & m_mask[:, None]
+        valid = _visible(offs_m, offs_n, KPOOL) & m_mask[:, None]
         g = tl.load(di_ptr + b * s_di_b + (offs_m - t0)[:, None] * s_di_t + offs_n[None, :], mask=valid,
                     other=0.0)
         dw += tl.sum(g * tl.maximum(a, 0.0), axis=1)
@@ -368,7 +379,7 @@ def _dense_dk_kernel(
     t0, t1, HI, DI, grad_scale,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h, s_di_b, s_di_t, s_dk_b, s_dk_t,
     HEADS_PER_PROG, BDI1: tl.constexpr, BDI2: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
 ):
     """dK of one key block over the chunk's query blocks and a slice of the index heads (dK needs a sum over
     all heads, so the heads are the inner loop: each dI tile is loaded once and reused by every head).
@@ -393,7 +404,7 @@ def _dense_dk_kernel(
     for qb in range(qb0, tl.cdiv(t1 - t0, BLOCK_M)):
         offs_m = t0 + qb * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < t1
-        valid = (offs_n[None, :] <= offs_m[:, None]) & m_mask[:, None]
+        valid = _visible(offs_m, offs_n, KPOOL) & m_mask[:, None]
         g = tl.load(di_ptr + b * s_di_b + (offs_m - t0)[:, None] * s_di_t + offs_n[None, :], mask=valid,
                     other=0.0)
         q_rows = iq_ptr + b * s_iq_b + offs_m.to(tl.int64)[:, None] * s_iq_t
@@ -454,12 +465,16 @@ def _num_sms(device: torch.device) -> int:
 
 def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, grad_scale,
                      d_index_q, d_index_k, d_index_weights, *, chunk_rows=None, configs=None, ksplit=None,
-                     head_splits=None) -> torch.Tensor:
+                     head_splits=None, kpool: int = 1) -> torch.Tensor:
     interp = _interpreter_settings(index_q.device)
     cfg = dict(CPU_CONFIGS if interp else GPU_CONFIGS)
     if not interp and teacher_q.shape[-1] > 256:
         cfg.update(GPU_CONFIGS_WIDE)
     cfg.update(configs or {})
+    # The teacher LSE kernel runs the keys below its query block unmasked: with pools, that needs every query
+    # block to start on a pool boundary.
+    if any(cfg[name][0] % kpool for name in cfg):
+        raise ValueError(f"Pools of {kpool} keys need query tiles that are multiples of it; got {cfg}.")
     cast = interp
 
     def prep(x, like=None):
@@ -498,7 +513,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
         iq, ik, iw, m_part, l_part, L, HI, DI,
         iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1),
         iw.stride(0), iw.stride(1), iw.stride(2),
-        BDI1=bdi1, BDI2=bdi2, KSPLIT=ks, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+        BDI1=bdi1, BDI2=bdi2, KSPLIT=ks, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
     m_max = m_part.amax(0)
     lse_i = m_max + torch.log2((l_part * torch.exp2(m_part - m_max)).sum(0))
     del m_part, l_part
@@ -510,7 +525,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
         tq, tk, lse_t, L, H, H // HK, D, qk_scale2,
         tq.stride(0), tq.stride(1), tq.stride(2), tq.stride(3),
         tk.stride(0), tk.stride(1), tk.stride(2), tk.stride(3),
-        BD1=bd1, BD2=bd2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+        BD1=bd1, BD2=bd2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
 
     # ---- per chunk of query rows: pass B, then dQ/dW, then dK
     align = 128
@@ -534,7 +549,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
             tq.stride(0), tq.stride(1), tq.stride(2), tq.stride(3),
             tk.stride(0), tk.stride(1), tk.stride(2), tk.stride(3), scratch.stride(0), scratch.stride(1),
             BDI1=bdi1, BDI2=bdi2, BD1=bd1, BD2=bd2, KSPLIT=ks, KV_SHARED=HK == 1,
-            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
         losses.append(loss_part)
 
         bm, bn, extra = kw("dq")
@@ -544,7 +559,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
             iw.stride(0), iw.stride(1), iw.stride(2), scratch.stride(0), scratch.stride(1),
             d_index_q.stride(0), d_index_q.stride(1), d_index_q.stride(2),
             d_index_weights.stride(0), d_index_weights.stride(1), d_index_weights.stride(2),
-            BDI1=bdi1, BDI2=bdi2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+            BDI1=bdi1, BDI2=bdi2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
 
         bm, bn, extra = kw("dk")
         nkb = triton.cdiv(t1, bn)
@@ -557,14 +572,14 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
             iw.stride(0), iw.stride(1), iw.stride(2), scratch.stride(0), scratch.stride(1),
             d_index_k.stride(0), d_index_k.stride(1),
             BDI1=bdi1, BDI2=bdi2, HEADS_PER_PROG=hpp, ATOMIC=hs > 1,
-            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
     return torch.cat(losses).double().sum().float()
 
 
 # ---------------------------------------------------------------------------------------- torch path ----
 def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float,
                     grad_scale: float, d_index_q, d_index_k, d_index_weights, *,
-                    chunk_rows: int | None = None) -> torch.Tensor:
+                    chunk_rows: int | None = None, kpool: int = 1) -> torch.Tensor:
     """Same contract as `dense_kl_accumulate`, in plain torch over chunks of C query rows: the largest
     intermediate is one layer's [B, H, C, L] scores (and [B, C, Hi, L] for the student). Computes in fp32
     (fp64 inputs stay fp64); each chunk's rows are complete, so softmaxes need no LSE pass."""
@@ -579,7 +594,7 @@ def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teach
     for t0 in range(0, L, chunk_rows):
         t1 = min(L, t0 + chunk_rows)
         rows = torch.arange(t0, t1, device=index_q.device)
-        causal = rows[:, None] >= torch.arange(t1, device=index_q.device)[None, :]          # [C, t1]
+        causal = visible_limit(rows, kpool)[:, None] >= torch.arange(t1, device=index_q.device)[None, :]  # [C, t1]
         # teacher target p [B, C, t1]
         p = torch.zeros(B, t1 - t0, t1, dtype=dtype, device=index_q.device)
         for g in range(G):
@@ -587,7 +602,7 @@ def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teach
             k = teacher_k[g, :, :, :t1].to(dtype).repeat_interleave(H // HK, dim=1)        # [B, H, t1, D]
             z = torch.matmul(q, k.transpose(-1, -2)) * teacher_scale
             z.masked_fill_(~causal, float("-inf"))
-            p += torch.softmax(z, dim=-1).sum(1)
+            p += torch.softmax(z, dim=-1).nan_to_num_(0.0).sum(1)  # a row with no visible pool gives 0
             del z
         p /= G * H
         # student
@@ -612,7 +627,7 @@ def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teach
 # ------------------------------------------------------------------------------------------ public ----
 def dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float,
                         grad_scale: float, d_index_q, d_index_k, d_index_weights, *, use_triton: bool,
-                        chunk_rows: int | None = None) -> torch.Tensor:
+                        chunk_rows: int | None = None, kpool: int = 1) -> torch.Tensor:
     """Adds grad_scale * d(sum over rows of KL)/d(index tensor) into the three fp32 accumulators (same shapes
     as the index tensors, contiguous fp32, possibly non-zero: added to, not overwritten), and returns the
     sum over all B*L rows of KL(p || q) as an fp32 0-dim tensor (no autograd graph).
@@ -620,10 +635,14 @@ def dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, t
     index_q [B, L, Hi, Di], index_k [B, L, Di], index_weights [B, L, Hi]; teacher_q [G, B, H, L, D],
     teacher_k [G, B, Hk, L, D] (head h uses key head h // (H/Hk)). `use_triton` picks the Triton kernels
     (CUDA, or CPU under TRITON_INTERPRET=1) or the chunked torch path. `chunk_rows` overrides the number of
-    query rows per chunk (a multiple of 128 on the Triton path)."""
+    query rows per chunk (a multiple of 128 on the Triton path). `kpool` > 1 narrows row t's support to the
+    keys of the pools of `kpool` keys that end at or before t (`pooled.visible_limit`; rows without one give 0):
+    with index_k holding each token's pool key, that is the pooled indexer's KL (`pooled.py`)."""
     with torch.no_grad():
         if use_triton:
             return _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                                    grad_scale, d_index_q, d_index_k, d_index_weights, chunk_rows=chunk_rows)
+                                    grad_scale, d_index_q, d_index_k, d_index_weights, chunk_rows=chunk_rows,
+                                    kpool=kpool)
         return _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                               grad_scale, d_index_q, d_index_k, d_index_weights, chunk_rows=chunk_rows)
+                               grad_scale, d_index_q, d_index_k, d_index_weights, chunk_rows=chunk_rows,
+                               kpool=kpool)
