@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from .adapters import ADAPTERS
 from .checkpoint import latest_checkpoint, load_checkpoint, resume_path, save_checkpoint
 from .config import CONFIG_DIR, check_known_keys, register_configs
 from .data import build_dataloader, load_packed
@@ -37,7 +38,8 @@ from .distill import IndexerDistillation
 from .export import export_indexcache
 from .files import write_text_atomically
 from .metrics import lm_loss
-from .modeling import LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype
+from .modeling import (LazyTokenizer, build_model, check_seq_len, load_model_config, pattern_length, resolve_dtype,
+                       text_config)
 from .optim import warmup_cosine
 from .pattern import IndexCachePattern
 from .plan import check_run_plan
@@ -54,13 +56,14 @@ def check_run_config(cfg: DictConfig, model_config) -> None:
     """Everything that can be checked from the config and the model's config.json, so that a bad value fails
     in a second rather than after the model has loaded and a first evaluation has run."""
     try:
-        IndexCachePattern.coerce(cfg.distill.pattern, model_config.num_hidden_layers)
+        IndexCachePattern.coerce(cfg.distill.pattern, pattern_length(model_config))
     except ValueError as error:
         raise ValueError(f"distill.pattern={cfg.distill.pattern!r}: {error}") from None
     check_seq_len(model_config, cfg.data.seq_len)
-    if cfg.data.seq_len > model_config.max_position_embeddings:
+    context = text_config(model_config).max_position_embeddings
+    if cfg.data.seq_len > context:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context "
-                         f"(max_position_embeddings {model_config.max_position_embeddings}).")
+                         f"(max_position_embeddings {context}).")
     if cfg.distill.stage not in STAGES:
         raise ValueError(f"distill.stage={cfg.distill.stage!r}: choose from {STAGES}.")
     trainer = cfg.trainer
@@ -224,6 +227,9 @@ def train(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     bf16 = uses_bf16(cfg, device)
+    if cfg.trainer.check_plan and not ADAPTERS[model_config.model_type].on_sparse_forward:
+        raise ValueError(f"The memory planner models the sparse forward, which {model_config.model_type} does not "
+                         "run on: set trainer.check_plan=false.")
     if cfg.trainer.check_plan:  # from the config alone, before any weight is read
         dtype_bytes = 2 if bf16 or cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype).itemsize
         memory_plan = check_run_plan(cfg, model_config, world_size=world_size, device=device,

@@ -272,3 +272,28 @@ def test_distillation_trains_only_the_f_indexers_and_the_loss_falls(stage, ids):
         losses.append(loss.item())
     assert set(metrics) == {"kl/layer0", "kl/layer1", "recall/layer0", "recall/layer1", "kl_group/layer0"}
     assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_indexcache_train_runs_on_a_tiny_glm5_next(tmp_path):
+    """`indexcache-train experiment=smoke_glm5_next`: the tiny random GLM-5.3-Flash (model=tiny_glm5_next) on the
+    native path, dense then sparse steps, the group KL falls on held-out batches, and the export reloads in
+    plain transformers without the S indexer."""
+    import json
+
+    from indexcache_train import train
+    from indexcache_train.config import compose_config
+
+    def config(*overrides):
+        return compose_config("train", ["experiment=smoke_glm5_next", f"output_dir={tmp_path}", *overrides])
+
+    with pytest.raises(ValueError, match="trainer.check_plan=false"):
+        train.train(config("trainer.check_plan=true"))
+    summary = train.train(config())
+    assert summary["pattern"] == "FS"
+    assert summary["after"]["kl_group/layer0"] < summary["before"]["kl_group/layer0"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["dense"] * 3 + ["sparse"] * 3
+    assert {"kl/layer1", "recall/layer1"} <= set(rows[0])
+    reloaded = load_plain(tmp_path / "export")
+    assert indexer_keys(reloaded) == ["model.language_model.layers.3"]
+    assert str(current_pattern(reloaded)) == "FS"
