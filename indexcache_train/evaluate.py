@@ -8,7 +8,9 @@ For a DSA model, a pattern and data, it reports:
 - the fraction of indexer FLOPs removed.
 
 Only query rows with more than `index_topk` candidate keys count in the overlap and the recall: on the
-others every selection holds every key, and both would be 1 by construction.
+others every selection holds every key, and both would be 1 by construction. A pooled indexer (glm5_next,
+pools of P keys) keeps every key while the complete pools fit its top-k / P: its rows count from
+t = index_topk + P - 1, and its selections include the visible tail, as its attention does.
 
     indexcache-eval model.name_or_path=/path/to/dsa pattern=FSSSFSSS data.files=val.jsonl
 """
@@ -27,11 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .adapters import apply_indexcache, get_adapter
-from .capture import AttentionCall, attention_taps, dense_attention_probs
+from .capture import AttentionCall, attention_taps, capture_topk, dense_attention_probs
 from .config import CONFIG_DIR, check_known_keys, register_configs
 from .data import load_batches
 from .metrics import attention_recall, index_overlap, lm_loss
-from .modeling import build_model_and_tokenizer, check_seq_len
+from .modeling import build_model_and_tokenizer, check_seq_len, text_config
 from .pattern import IndexCachePattern
 from .runtime import resolve_device
 
@@ -60,34 +62,41 @@ class EvalReport:
 
 
 def indexer_flops_per_layer(config, seq_len: int) -> float:
-    """One indexer's FLOPs on one causal sequence: its three projections and the L(L+1)/2 scored pairs."""
-    heads, dim = config.index_n_heads, config.index_head_dim
-    projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (dim + heads))
-    pairs = seq_len * (seq_len + 1) / 2
+    """One indexer's FLOPs on one causal sequence: its three projections and the L(L+1)/2 scored pairs; a pooled
+    indexer (pools of P keys) also projects its compression gate and scores about L(L+1)/(2P) query-pool pairs."""
+    config = text_config(config)
+    heads, dim, pool = config.index_n_heads, config.index_head_dim, getattr(config, "index_kpool", 1)
+    gate = dim if pool > 1 else 0
+    projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (dim + heads + gate))
+    pairs = seq_len * (seq_len + 1) / 2 / pool
     return projections + pairs * heads * (2 * dim + 2)  # dot products, then ReLU-weighted head sum
 
 
 @torch.no_grad()
 def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePattern) -> list[SharedLayerStats]:
     """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F."""
-    topk = model.config.index_topk
-    selections: dict[int, torch.Tensor] = {}
+    config = text_config(model.config)
+    first_row = config.index_topk + getattr(config, "index_kpool", 1) - 1  # rows whose selection drops keys
     sums = {layer: torch.zeros(2, dtype=torch.float64) for layer in pattern.shared_layers}
     rows = 0
+    probs: dict[int, torch.Tensor] = {}
 
     def on_attention(call: AttentionCall) -> None:
-        selections[call.layer] = call.topk_indices
         if call.layer in sums:
-            shared = selections[pattern.source_layer(call.layer)]
-            choosing = slice(topk, None)  # rows with more candidate keys than top-k slots
-            overlap = index_overlap(call.topk_indices, shared)[:, choosing]
-            recall = attention_recall(dense_attention_probs(call), shared)[:, choosing]
-            sums[call.layer] += torch.stack([overlap.sum(), recall.sum()]).double().cpu()
+            probs[call.layer] = dense_attention_probs(call)
 
-    with attention_taps(model, on_attention):
+    # The selections come from `capture_topk`: a tap's `topk_indices` is None where the model folds the
+    # selection into its mask (glm5_next).
+    with attention_taps(model, on_attention), capture_topk(model) as selections:
         for ids in tqdm(batches, desc="overlap and recall (all-F)"):
             model(input_ids=ids)
-            rows += ids.shape[0] * (ids.shape[1] - topk)
+            for layer in sums:
+                shared = selections[pattern.source_layer(layer)]
+                choosing = slice(first_row, None)
+                overlap = index_overlap(selections[layer], shared)[:, choosing]
+                recall = attention_recall(probs.pop(layer), shared)[:, choosing]
+                sums[layer] += torch.stack([overlap.sum(), recall.sum()]).double().cpu()
+            rows += ids.shape[0] * (ids.shape[1] - first_row)
     return [
         SharedLayerStats(layer, pattern.source_layer(layer), *(sums[layer] / rows).tolist())
         for layer in pattern.shared_layers
@@ -102,6 +111,8 @@ def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | st
         raise ValueError("No evaluation batch: the data is empty.")
     seq_len = batches[0].shape[1]
     check_seq_len(model.config, seq_len)
+    if seq_len <= text_config(model.config).index_topk + getattr(text_config(model.config), "index_kpool", 1) - 1:
+        raise ValueError(f"The sequence length ({seq_len}) leaves no row whose pooled selection drops a pool.")
     loss_full, stats = None, []
     try:
         apply_indexcache(model, IndexCachePattern.all_full(pattern.num_layers))

@@ -297,3 +297,22 @@ def test_indexcache_train_runs_on_a_tiny_glm5_next(tmp_path):
     reloaded = load_plain(tmp_path / "export")
     assert indexer_keys(reloaded) == ["model.language_model.layers.3"]
     assert str(current_pattern(reloaded)) == "FS"
+
+
+def test_evaluate_reports_overlap_recall_and_flops(ids):
+    """indexcache-eval's `evaluate` on 3 indexed layers, FSS: the S layers' selections come from capture_topk
+    (its taps carry none), rows count from t = top-k + P - 1, and the pooled indexer's FLOPs scale with L^2/P."""
+    from indexcache_train.evaluate import evaluate, indexer_flops_per_layer
+
+    model = build(num_hidden_layers=12, initializer_range=0.5)
+    report = evaluate(model, [ids, ids.flip(0)], "FSS")
+    assert [(s.layer, s.source) for s in report.shared_layers] == [(1, 0), (2, 0)]
+    for s in report.shared_layers:
+        assert 0 < s.index_overlap < 1 and 0 < s.attention_recall < 1
+    assert report.indexer_flops_removed == pytest.approx(2 / 3) and report.lm_loss != report.lm_loss_all_full
+    text = model.config.text_config.to_dict()
+    per_key, per_pool = (indexer_flops_per_layer(Glm5NextConfig(text_config={**text, "index_kpool": pool}), 8000)
+                         for pool in (1, 4))
+    assert 3.5 < per_key / per_pool < 4  # the scored pairs, over pools of 4, dominate at 8K tokens
+    with pytest.raises(ValueError, match="drops a pool"):
+        evaluate(model, [ids[:, :11]], "FSS")
