@@ -316,3 +316,15 @@ def test_evaluate_reports_overlap_recall_and_flops(ids):
     assert 3.5 < per_key / per_pool < 4  # the scored pairs, over pools of 4, dominate at 8K tokens
     with pytest.raises(ValueError, match="drops a pool"):
         evaluate(model, [ids[:, :11]], "FSS")
+
+
+def test_analyze_layer_pairs_over_the_indexed_layers(ids):
+    """indexcache-analyze's pairwise matrices run over the pattern positions (3 indexed layers); a layer's own
+    top-k overlaps itself fully, and recall stays in (0, 1]."""
+    from indexcache_train.analyze import layer_pairs
+
+    pairs = layer_pairs(build(num_hidden_layers=12, initializer_range=0.5), [ids])
+    assert pairs.index_overlap.shape == (3, 3) and pairs.attention_recall.shape == (3, 3)
+    assert pairs.index_overlap.diagonal() == pytest.approx(1.0)
+    assert ((pairs.attention_recall > 0) & (pairs.attention_recall <= 1 + 1e-6)).all()
+    assert (pairs.index_overlap < 1).any()
