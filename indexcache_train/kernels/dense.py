@@ -35,6 +35,9 @@ FLOPs (causal: P = L (L+1) / 2 pairs per head; 2 FLOPs per multiply-add), see `d
   teacher: 2 passes (LSE, pass B) x G x H x 2D x P
   student: 6 x Hi x 2Di x P   (pass A, pass B, the dq kernel's a and dQ, the dk kernel's a and dK)
 
+Pools (`kpool` = P > 1, a pooled indexer, see `pooled.py`): the support of row t is s <= t - (t + 1) mod P
+instead of s <= t (`_visible`), everything else unchanged.
+
 Numerics: fp32 for logits, probabilities, LSEs and accumulators; bf16/fp16 inputs feed `tl.dot` natively on
 a GPU (fp32 inputs use TF32 there). Under TRITON_INTERPRET=1 every load is cast to fp32, since the
 interpreter's bf16 dot and arithmetic are wrong.
@@ -136,7 +139,7 @@ def _student_lse_kernel(
     L, HI, DI,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h,
     KSPLIT, BDI1: tl.constexpr, BDI2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """Pass A: partial (max, sum) of 2^(I log2 e) over key blocks split, split+j*KSPLIT, ... <= diagonal.
     Grid (KSPLIT, query blocks [heaviest first], B); the splits of a block run side by side and share its q."""
@@ -194,11 +197,12 @@ def _teacher_lse_kernel(
     L, H, REP, D, qk_scale2,
     s_tq_g, s_tq_b, s_tq_h, s_tq_t, s_tk_g, s_tk_b, s_tk_h, s_tk_t,
     BD1: tl.constexpr, BD2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """lseT (base 2) of one (layer, batch, head, query block): an LSE-only flash-attention forward.
     q stays in registers, k streams; the off-diagonal key blocks run without a mask, the diagonal ones with.
-    Every row has its diagonal key, so the running max is finite after the first diagonal block."""
+    Every causal row has its diagonal key, so the running max is finite after the first diagonal block; with
+    pools (KPOOL > 1) the first KPOOL - 1 rows have no key, get lse = -inf, and every use of them is masked."""
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -249,7 +253,7 @@ def _dense_loss_kernel(
     s_tq_g, s_tq_b, s_tq_h, s_tq_t, s_tk_g, s_tk_b, s_tk_h, s_tk_t, s_di_b, s_di_t,
     BDI1: tl.constexpr, BDI2: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr,
     KSPLIT, KV_SHARED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """Pass B over the chunk's rows [t0, t1). Grid (KSPLIT, query blocks of the chunk, B). For one tile the
     head mean p needs every teacher head before the (non-linear) loss can be taken, so the G*H heads are the
@@ -319,7 +323,7 @@ def _dense_dq_kernel(
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h, s_di_b, s_di_t,
     s_dq_b, s_dq_t, s_dq_h, s_dw_b, s_dw_t, s_dw_h,
     BDI1: tl.constexpr, BDI2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """dW and dQ of one (index head, query block): a flash-attention-backward dQ loop, q_h and dQ_h on chip,
     key tiles and dI tiles streaming. Grid (Hi, query blocks, B) with the head fastest, so the Hi programs
@@ -379,7 +383,7 @@ def _dense_dk_kernel(
     t0, t1, HI, DI, grad_scale,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h, s_di_b, s_di_t, s_dk_b, s_dk_t,
     HEADS_PER_PROG, BDI1: tl.constexpr, BDI2: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr = 1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """dK of one key block over the chunk's query blocks and a slice of the index heads (dK needs a sum over
     all heads, so the heads are the inner loop: each dI tile is loaded once and reused by every head).
