@@ -315,6 +315,10 @@ class Glm5NextAdapter(DSAAdapter):
         inner = getattr(model, "model", model)
         return getattr(inner, "language_model", inner).layers
 
+    def config_num_layers(self, config):
+        text = getattr(config, "text_config", None) or config
+        return sum(kind != "linear_attention" for kind in text.layer_types)
+
     def indexed_layers(self, model: nn.Module) -> list[int]:
         """The decoder layers that own an indexer slot, in order: pattern position j is indexed_layers[j]."""
         return [i for i, layer in enumerate(self.layers(model)) if layer.block_type != "linear_attention"]
@@ -380,6 +384,28 @@ class Glm5NextAdapter(DSAAdapter):
 
     def selection_from_output(self, output):
         return output[2]
+
+    def indexer_projections(self, indexer, hidden_states, q_resid, position_embeddings=None):
+        """The pooled indexer's q and weights, and as its key each token's pool key (`kernels/pooled.py`): the
+        pools of `index_kpool` keys from the first token (the distillation's sequences are unpadded), each
+        compressed as `Glm5NextTextIndexer.get_pooled_states` does, by a per-channel softmax over the pool of
+        `index_kpool_compress_gate` scores plus `index_kpool_compress_ape`. The indexer is NoPE: no rotation,
+        and `position_embeddings` is unused. Differentiable in every indexer parameter, compression included."""
+        from .kernels.pooled import pool_to_tokens
+
+        batch, seq_len, _ = hidden_states.shape
+        pool, pools = indexer.index_kpool, seq_len // indexer.index_kpool
+        query = indexer.wq_b(q_resid).view(batch, seq_len, indexer.n_heads, indexer.head_dim)
+        key = indexer.k_norm(indexer.wk(hidden_states))
+        gate_scores = nn.functional.linear(hidden_states, indexer.index_kpool_compress_gate)
+
+        def by_pool(x):  # [B, L, D] -> [B, pools, P, D], the complete pools only
+            return x[:, :pools * pool].view(batch, pools, pool, -1)
+
+        logits = by_pool(gate_scores).float() + indexer.index_kpool_compress_ape.float()
+        pool_keys = (logits.softmax(dim=2).to(key.dtype) * by_pool(key)).sum(dim=2)
+        weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)) * indexer.n_heads**-0.5
+        return IndexerProjections(query * indexer.softmax_scale, pool_to_tokens(pool_keys, pool, seq_len), weights)
 
 
 class DeepseekV4Adapter(DSAAdapter):

@@ -30,7 +30,7 @@ from .capture import AttentionCall, attention_taps, capture_topk, dense_attentio
 from .config import CONFIG_DIR, check_known_keys, register_configs
 from .data import load_batches
 from .metrics import attention_recall, first_choosing_row, index_overlap
-from .modeling import build_model_and_tokenizer, check_seq_len
+from .modeling import build_model_and_tokenizer, check_seq_len, text_config
 from .pattern import IndexCachePattern
 from .plots import plot_heatmap
 from .runtime import resolve_device
@@ -51,9 +51,9 @@ def layer_pairs(model: torch.nn.Module, batches: list[torch.Tensor]) -> LayerPai
     layer i's top-k when layer j's attention runs, also for i > j."""
     num_layers = get_adapter(model).num_layers(model)
     apply_indexcache(model, IndexCachePattern.all_full(num_layers))
-    topk = first_choosing_row(model)
+    first_row = first_choosing_row(model)
     check_seq_len(model.config, batches[0].shape[1])
-    choosing = slice(topk, None)  # rows with more candidates than top-k slots
+    choosing = slice(first_row, None)  # rows with more candidates than top-k slots
     overlap = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     recall = torch.zeros(num_layers, num_layers, dtype=torch.float64)
     rows = 0
@@ -71,9 +71,9 @@ def layer_pairs(model: torch.nn.Module, batches: list[torch.Tensor]) -> LayerPai
 
         with attention_taps(model, on_attention):
             model(input_ids=ids)
-        rows += ids.shape[0] * (ids.shape[1] - topk)
+        rows += ids.shape[0] * (ids.shape[1] - first_row)
     return LayerPairs((overlap / rows).numpy(), (recall / rows).numpy(), sum(b.shape[0] for b in batches),
-                      batches[0].shape[1], model.config.index_topk)
+                      batches[0].shape[1], text_config(model.config).index_topk)
 
 
 def save_pairs(pairs: LayerPairs, output: Path, config: dict | None = None) -> list[Path]:

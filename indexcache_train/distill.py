@@ -60,6 +60,13 @@ def causal_topk(topk_indices: torch.Tensor) -> torch.Tensor:
     return torch.where(valid_selection(topk_indices), topk_indices, -1).to(torch.int32)
 
 
+def indexer_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, tuple | None, torch.Tensor | None]:
+    """(hidden_states, q_resid, position_embeddings, attention_mask) of an indexer call: positional for GLM-5 and
+    DeepSeek-V3.2, by keyword for Glm5Next (NoPE: no position embeddings)."""
+    named = dict(zip(("hidden_states", "q_resid", "position_embeddings", "attention_mask"), args)) | kwargs
+    return named["hidden_states"], named["q_resid"], named.get("position_embeddings"), named.get("attention_mask")
+
+
 def sampled_recall(call: AttentionCall, selection: torch.Tensor, rows: int,
                    layout: SequenceLayout | None = None) -> torch.Tensor:
     """Attention-mass recall of `selection` on the last `rows` queries (those with the most candidates), from
@@ -183,15 +190,20 @@ class IndexerDistillation(nn.Module):
 
     def _forward(self, input_ids: torch.Tensor, layout: SequenceLayout | None):
         groups: dict[int, IndexerKLLoss] = {}
+        selections: dict[int, torch.Tensor] = {}  # F layer -> its top-k as the indexer returned it
+        position_of = {id(indexer): layer for layer, indexer in self.indexers.items()}  # pattern positions
         metrics: dict[str, torch.Tensor] = {}
         sparse = self.stage == "sparse"
         wants_grad = torch.is_grad_enabled()  # an evaluation under no_grad builds no graph
 
-        layer_of = {id(indexer): layer for layer, indexer in self.indexers.items()}  # by pattern position
-
-        def open_group(indexer: nn.Module, args, output: torch.Tensor) -> None:
-            hidden_states, q_resid, position_embeddings = args[:3]  # position_ids on DeepSeek-V4
-            layer = layer_of[id(indexer)]
+        def open_group(indexer: nn.Module, args, kwargs, output: torch.Tensor) -> None:
+            hidden_states, q_resid, position_embeddings, mask = indexer_inputs(args, kwargs)
+            # A pooled indexer (Glm5Next) scores pools of `index_kpool` keys; its KL runs over them (pooled.py).
+            pool_size = getattr(indexer, "index_kpool", 1)
+            if pool_size > 1 and mask is not None and mask.dim() == 2 and not bool(mask.all()):
+                raise ValueError("Pooled indexers are distilled on unpadded sequences (pools count from token 0).")
+            layer = position_of[id(indexer)]
+            selections[layer] = output
             with torch.set_grad_enabled(wants_grad):
                 projections = self.adapter.indexer_projections(indexer, hidden_states.detach(), q_resid.detach(),
                                                                position_embeddings)
@@ -214,7 +226,7 @@ class IndexerDistillation(nn.Module):
                 num_layers=1 + len(self.pattern.groups[layer]),
                 topk_indices=topk, backend=self.kl_backend,
                 check_indices=False,  # causal_topk leaves only keys s <= t, or -1
-                total_rows=total_rows,
+                total_rows=total_rows, pool_size=pool_size,
             )
 
         native_absorbed = None
@@ -232,14 +244,15 @@ class IndexerDistillation(nn.Module):
             source = self.pattern.source_layer(call.layer)
             kl = groups[source]
             metrics[f"kl/layer{call.layer}"] = self.add_teacher(kl, call, native_absorbed, layout)
-            if self.recall_rows:
-                metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows,
-                                                                      layout)
+            if self.recall_rows:  # Glm5Next folds its selection into the mask: take its F layer's top-k
+                selection = call.topk_indices if call.topk_indices is not None else selections[source]
+                metrics[f"recall/layer{call.layer}"] = sampled_recall(call, selection, self.recall_rows, layout)
             unseen[source] -= 1
             if unseen[source] == 0 and wants_grad:
                 finished[source] = self.finish_group(source, groups.pop(source))
+                del selections[source]
 
-        hooks = [indexer.register_forward_hook(open_group) for indexer in self.indexers.values()]
+        hooks = [indexer.register_forward_hook(open_group, with_kwargs=True) for indexer in self.indexers.values()]
         try:
             with torch.no_grad(), attention_taps(self.model, add_layer), native_absorbed or contextlib.nullcontext():
                 # The inner model runs every layer; the LM head's logits are not needed.

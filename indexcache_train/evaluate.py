@@ -8,7 +8,9 @@ For a DSA model, a pattern and data, it reports:
 - the fraction of indexer FLOPs removed.
 
 Only query rows with more than `index_topk` candidate keys count in the overlap and the recall: on the
-others every selection holds every key, and both would be 1 by construction.
+others every selection holds every key, and both would be 1 by construction. A pooled indexer (glm5_next,
+pools of P keys) keeps every key while the complete pools fit its top-k / P: its rows count from
+t = index_topk + P - 1, and its selections include the visible tail, as its attention does.
 
 With `context_parallel_size` > 1 (launched on that many ranks), each sequence is split over the ranks and the
 LM losses, the overlap and the recall are the one-rank ones.
@@ -18,6 +20,7 @@ LM losses, the overlap and the recall are the one-rank ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,12 +34,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .adapters import apply_indexcache, get_adapter
-from .capture import AttentionCall, attention_taps, dense_attention_probs
+from .capture import AttentionCall, attention_taps, capture_topk, dense_attention_probs
 from .config import CONFIG_DIR, check_known_keys, register_configs
 from .context_parallel import ContextParallel, active_layout, cli_context_parallel, gather_sequence
 from .data import load_batches
 from .metrics import attention_recall, first_choosing_row, index_overlap, lm_loss
-from .modeling import build_model_and_tokenizer, check_seq_len
+from .modeling import build_model_and_tokenizer, check_seq_len, text_config
 from .pattern import IndexCachePattern
 from .runtime import rank, resolve_device
 from .sparse_forward import SPARSE_ATTENTION, uses_sparse_forward
@@ -69,12 +72,15 @@ class EvalReport:
 def indexer_flops_per_layer(config, seq_len: int, compress_rate: int = 1) -> float:
     """One indexer's FLOPs on one causal sequence: its projections and the scored pairs, sum_t (t + 1) // m
     (L(L+1)/2 for token indexers, m = 1). A compressing indexer (DeepSeek-V4) projects each token to its two
-    series of keys and gates, 4 x index_head_dim, instead of one key."""
-    heads, dim = config.index_n_heads, config.index_head_dim
+    series of keys and gates, 4 x index_head_dim, instead of one key; a pooled indexer (pools of P keys) also
+    projects its compression gate and scores 1/P of the pairs (query-pool pairs)."""
+    config = text_config(config)
+    heads, dim, pool = config.index_n_heads, config.index_head_dim, getattr(config, "index_kpool", 1)
     key_width = dim if compress_rate == 1 else 4 * dim
-    projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (key_width + heads))
+    gate = dim if pool > 1 else 0
+    projections = 2 * seq_len * (config.q_lora_rank * heads * dim + config.hidden_size * (key_width + heads + gate))
     windows, rest = divmod(seq_len, compress_rate)
-    pairs = compress_rate * windows * (windows - 1) // 2 + windows * (rest + 1)
+    pairs = (compress_rate * windows * (windows - 1) // 2 + windows * (rest + 1)) / pool
     return projections + pairs * heads * (2 * dim + 2)  # dot products, then ReLU-weighted head sum
 
 
@@ -84,32 +90,39 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
     """Overlap and recall of every S layer of `pattern`, measured on `model` running all-F. With
     `context_parallel`, every rank gathers each layer's queries and selections and measures the whole
     sequence (a chunk's rows need the probabilities over all earlier keys; the keys are already gathered)."""
-    topk = first_choosing_row(model)
-    selections: dict[int, torch.Tensor] = {}
+    first_row = first_choosing_row(model)  # rows whose selection drops candidates
     sums = {layer: torch.zeros(2, dtype=torch.float64) for layer in pattern.shared_layers}
     rows = 0
+    probs: dict[int, torch.Tensor] = {}
 
     def on_attention(call: AttentionCall) -> None:
-        layout = active_layout()
-        if layout is not None:
-            call = dataclasses.replace(call, query=gather_sequence(call.query, layout, dim=2),
-                                       topk_indices=gather_sequence(call.topk_indices, layout))
-        selections[call.layer] = call.topk_indices
         if call.layer in sums:
-            shared = selections[pattern.source_layer(call.layer)]
-            choosing = slice(topk, None)  # rows with more candidates than top-k slots
-            overlap = index_overlap(call.topk_indices, shared)[:, choosing]
-            recall = attention_recall(dense_attention_probs(call), shared)[:, choosing]
-            sums[call.layer] += torch.stack([overlap.sum(), recall.sum()]).double().cpu()
+            layout = active_layout()
+            if layout is not None:
+                call = dataclasses.replace(call, query=gather_sequence(call.query, layout, dim=2))
+            probs[call.layer] = dense_attention_probs(call)
 
-    with attention_taps(model, on_attention):
+    def whole(selection: torch.Tensor) -> torch.Tensor:
+        layout = active_layout()
+        return selection if layout is None else gather_sequence(selection, layout)
+
+    # The selections come from `capture_topk`: a tap's `topk_indices` is None where the model folds the
+    # selection into its mask (glm5_next).
+    with attention_taps(model, on_attention), capture_topk(model) as selections:
         for ids in tqdm(batches, desc="overlap and recall (all-F)"):
-            if context_parallel is None:
-                model(input_ids=ids)
-            else:
-                with context_parallel.activate(ids.shape[1]) as layout:
+            with contextlib.ExitStack() as stack:
+                if context_parallel is None:
+                    model(input_ids=ids)
+                else:
+                    layout = stack.enter_context(context_parallel.activate(ids.shape[1]))
                     model(**layout.model_inputs(ids), use_cache=False)
-            rows += ids.shape[0] * (ids.shape[1] - topk)
+                for layer in sums:
+                    shared = whole(selections[pattern.source_layer(layer)])
+                    choosing = slice(first_row, None)
+                    overlap = index_overlap(whole(selections[layer]), shared)[:, choosing]
+                    recall = attention_recall(probs.pop(layer), shared)[:, choosing]
+                    sums[layer] += torch.stack([overlap.sum(), recall.sum()]).double().cpu()
+            rows += ids.shape[0] * (ids.shape[1] - first_row)
     return [
         SharedLayerStats(layer, pattern.source_layer(layer), *(sums[layer] / rows).tolist())
         for layer in pattern.shared_layers
@@ -129,6 +142,9 @@ def evaluate(model, batches: list[torch.Tensor], pattern: IndexCachePattern | st
     if context_parallel is not None and not uses_sparse_forward(model):
         raise ValueError(f"context_parallel_size={context_parallel.size} needs the sparse forward: set "
                          f"model.attn_implementation={SPARSE_ATTENTION}.")
+    if seq_len <= first_choosing_row(model):
+        raise ValueError(f"The sequence length ({seq_len}) leaves no row whose selection drops a candidate: the "
+                         f"first is row {first_choosing_row(model)}.")
     loss_full, stats = None, []
     try:
         apply_indexcache(model, IndexCachePattern.all_full(pattern.num_layers))

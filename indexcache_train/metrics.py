@@ -27,9 +27,12 @@ from .context_parallel import ContextParallel, SequenceLayout
 
 
 def first_choosing_row(model) -> int:
-    """The first query row with more candidates than `index_topk` slots: (index_topk + 1) m - 1 at m tokens
-    per candidate (index_topk for token indexers)."""
-    return (model.config.index_topk + 1) * get_adapter(model).candidate_rate(model) - 1
+    """The first query row whose selection drops candidates: (index_topk + 1) m - 1 at m tokens per compressed
+    entry (index_topk for token indexers); a pooled indexer (pools of P keys, index_topk / P of them kept)
+    drops pools from index_topk + P - 1 on."""
+    config = getattr(model.config, "text_config", None) or model.config
+    pool = getattr(config, "index_kpool", 1)
+    return (config.index_topk + 1) * get_adapter(model).candidate_rate(model) - 1 + pool - 1
 
 
 def valid_selection(topk_indices: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
@@ -17,11 +18,13 @@ from transformers import (
     AutoTokenizer,
     DeepseekV4Config,
     DeepseekV32Config,
+    Glm5NextConfig,
     GlmMoeDsaConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .adapters import ADAPTERS
 from .fp8 import quantization_config as fp8_quantization_config
@@ -47,17 +50,51 @@ TINY_DEEPSEEK_V4 = dict(
     compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
     mlp_layer_types=["moe"] * 6,
 )
+# GLM-5.3-Flash's text model: 8 decoder layers, of which 3 and 7 are indexed attention (pools of 4 keys), the
+# rest KDA linear attention; MoE from layer 3. The vision tower is the smallest its config takes.
+TINY_GLM5_NEXT = dict(
+    vocab_size=257, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=8,
+    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+    q_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16, index_topk=16, index_head_dim=16, index_n_heads=4,
+    index_kpool=4, linear_head_dim=16, linear_num_heads=4, hc_mult=2, hc_sinkhorn_iters=2,
+    max_position_embeddings=512, pad_token_id=0,
+)
+TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16)
 _CONFIGS = {"glm_moe_dsa": (GlmMoeDsaConfig, TINY_DSA), "deepseek_v32": (DeepseekV32Config, TINY_DSA),
-            "deepseek_v4": (DeepseekV4Config, TINY_DEEPSEEK_V4)}
+            "deepseek_v4": (DeepseekV4Config, TINY_DEEPSEEK_V4), "glm5_next": (Glm5NextConfig, TINY_GLM5_NEXT)}
 
 
 def tiny_config(model_type: str = "glm_moe_dsa", **overrides):
     """A DSA config small enough for CPU tests; `index_topk` stays below typical test lengths so that the
-    top-k selection really drops keys (for DeepSeek-V4: below the compressed entries of 64 tokens)."""
+    top-k selection really drops keys (for DeepSeek-V4: below the compressed entries of 64 tokens). For
+    glm5_next the overrides go to its text config."""
     if model_type not in _CONFIGS:
         raise ValueError(f"Unknown DSA model_type {model_type!r}; choose from {sorted(_CONFIGS)}.")
     config_class, tiny = _CONFIGS[model_type]
+    if model_type == "glm5_next":
+        text = {**tiny, **overrides}
+        return config_class(text_config=text, vision_config={**TINY_VISION, "out_hidden_size": text["hidden_size"]})
     return config_class(**{**tiny, **overrides})
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """Where a DSA config keeps its layer and indexer settings: the text config of a multimodal one (glm5_next)."""
+    return getattr(config, "text_config", None) or config
+
+
+def model_class(config: PretrainedConfig):
+    """The transformers class that builds `config`: the causal-LM auto class, or for a family it does not map
+    (glm5_next) the class its adapter names."""
+    if getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    return getattr(transformers, adapter.architecture) if adapter else AutoModelForCausalLM
+
+
+def model_from_config(config: PretrainedConfig, **kwargs) -> torch.nn.Module:
+    """A randomly initialised model of `config` (`from_config` of the auto class, or what it calls on the class)."""
+    cls = model_class(config)
+    return cls.from_config(config, **kwargs) if cls is AutoModelForCausalLM else cls._from_config(config, **kwargs)
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
@@ -83,6 +120,7 @@ def check_dsa_config(config: PretrainedConfig, source: str) -> None:
 def check_seq_len(config: PretrainedConfig, seq_len: int) -> None:
     adapter = ADAPTERS.get(getattr(config, "model_type", None))
     rate = adapter.config_candidate_rate(config) if adapter is not None else 1
+    config = text_config(config)
     if seq_len // rate <= config.index_topk:
         length = f"({seq_len})" if rate == 1 else f"in compressed entries ({seq_len} // compress rate {rate})"
         raise ValueError(
@@ -116,7 +154,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", t
                                  attn_implementation=_native(attn_implementation))
         return _maybe_sparse(model, attn_implementation)
     quantization = {"quantization_config": fp8_quantization_config(config, route)} if route else {}
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class(config).from_pretrained(
         name_or_path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
         attn_implementation=_native(attn_implementation), **quantization,
     )
@@ -198,10 +236,10 @@ def build_model(cfg, config: PretrainedConfig | None = None) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype)
     if zero3_enabled():  # built as partitions, which a later .to() would not reach: the dtype goes in first
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation),
-                                                 **({} if dtype == "auto" else {"dtype": dtype}))
+        model = model_from_config(config, attn_implementation=_native(cfg.attn_implementation),
+                                  **({} if dtype == "auto" else {"dtype": dtype}))
     else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=_native(cfg.attn_implementation))
+        model = model_from_config(config, attn_implementation=_native(cfg.attn_implementation))
         model = model if dtype == "auto" else model.to(dtype)
     return _maybe_sparse(model, cfg.attn_implementation)
 

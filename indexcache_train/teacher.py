@@ -56,7 +56,7 @@ class AbsorbedTeacher:
         """(query [B, H, L, kv_lora + rope], key [B, 1, L, kv_lora + rope]) with the same scores q . k."""
         if call.latent:  # the sparse forward already hands over the latent key
             return call.score_operands()
-        latent = self.latents.pop(call.layer)
+        latent = self.latents.pop(call.module.layer_idx)  # call.layer may be a pattern position (Glm5Next)
         key = torch.cat([latent.to(call.key.dtype), call.key[:, 0, :, call.module.qk_nope_head_dim:]], dim=-1)
         return absorbed_query(call.module, call.query), key.unsqueeze(1)
 

@@ -42,7 +42,8 @@ from .export import export_indexcache
 from .files import write_text_atomically
 from .memory_report import MemoryTrace, format_report
 from .metrics import lm_loss
-from .modeling import LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype
+from .modeling import (LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype,
+                       text_config)
 from .optim import warmup_cosine
 from .pattern import IndexCachePattern
 from .sparse_forward import SPARSE_ATTENTION
@@ -65,9 +66,10 @@ def check_run_config(cfg: DictConfig, model_config) -> None:
     except ValueError as error:
         raise ValueError(f"distill.pattern={cfg.distill.pattern!r}: {error}") from None
     check_seq_len(model_config, cfg.data.seq_len)
-    if cfg.data.seq_len > model_config.max_position_embeddings:
+    context = text_config(model_config).max_position_embeddings
+    if cfg.data.seq_len > context:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context "
-                         f"(max_position_embeddings {model_config.max_position_embeddings}).")
+                         f"(max_position_embeddings {context}).")
     if cfg.distill.stage not in STAGES:
         raise ValueError(f"distill.stage={cfg.distill.stage!r}: choose from {STAGES}.")
     trainer = cfg.trainer
@@ -256,9 +258,11 @@ def train(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     bf16 = uses_bf16(cfg, device)
-    planned = ADAPTERS[model_config.model_type].mla  # the planner's activation terms are MLA's
+    family = ADAPTERS[model_config.model_type]
+    planned = family.mla and family.on_sparse_forward  # the planner's activation terms are MLA's, on our forward
     if cfg.trainer.check_plan and not planned:
-        log.warning("The memory planner covers the MLA families only: no plan for %s.", model_config.model_type)
+        log.warning("The memory planner covers the MLA families on the sparse forward: no plan for %s.",
+                    model_config.model_type)
     if cfg.trainer.check_plan and planned:  # from the config alone, before any weight is read
         dtype_bytes = 2 if bf16 or cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype).itemsize
         memory_plan = check_run_plan(cfg, model_config, world_size=world_size, device=device,

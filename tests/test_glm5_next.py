@@ -172,3 +172,157 @@ def test_the_sparse_forward_refuses_it_with_the_native_route():
 
     with pytest.raises(ValueError, match="attn_implementation=sdpa"):
         use_sparse_forward(build())
+
+
+def indexer_inputs(model, seed=0, seq_len=42):
+    indexer = get_adapter(model).indexer(model, 0)
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, seq_len, indexer.hidden_size, generator=gen)
+    q_resid = torch.randn(2, seq_len, indexer.q_lora_rank, generator=gen)
+    return indexer, hidden, q_resid
+
+
+def test_pooled_projections_compress_as_the_native_indexer():
+    """Our differentiable pool keys are those of `Glm5NextTextIndexer.get_pooled_states`, at every token of
+    each complete pool (42 tokens, pools of 4: 10 pools, the last 2 tokens in none)."""
+    model = build()
+    indexer, hidden, q_resid = indexer_inputs(model)
+    projections = get_adapter(model).indexer_projections(indexer, hidden, q_resid)
+    with torch.no_grad():
+        key = indexer.k_norm(indexer.wk(hidden))
+        gate = torch.nn.functional.linear(hidden, indexer.index_kpool_compress_gate)
+        packed = torch.cat([key, gate, torch.ones(2, 42, 1)], dim=-1)
+        native_keys, _, native_valid = indexer.get_pooled_states(packed)
+    assert native_valid.all() and native_keys.shape[1] == 10
+    torch.testing.assert_close(projections.key[:, :40], native_keys.repeat_interleave(4, dim=1))
+    assert (projections.key[:, 40:] == 0).all()
+    q = indexer.wq_b(q_resid).view(2, 42, indexer.n_heads, indexer.head_dim)
+    torch.testing.assert_close(projections.query, q * indexer.softmax_scale)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pooled_kl_gradients_equal_the_reference_in_every_indexer_parameter(sparse):
+    """IndexerKLLoss on the adapter's projections against the materialising pool-level reference fed with the
+    native `get_pooled_states` pool keys: equal gradients in wq_b, wk, k_norm, weights_proj and the
+    compression (gate, ape); the value exceeds the reference's pooled KL by its teacher-only term."""
+    from indexcache_train.kernels import IndexerKLLoss
+    from indexcache_train.kernels.reference import reference_pooled_indexer_kl_loss
+
+    model = build()
+    indexer, hidden, q_resid = indexer_inputs(model, seed=1)
+    indexer.requires_grad_(True)
+    gen = torch.Generator().manual_seed(2)
+    teacher_q, teacher_k = torch.randn(2, 2, 2, 42, 8, generator=gen), torch.randn(2, 2, 2, 42, 8, generator=gen)
+    topk = None
+    if sparse:
+        with torch.no_grad():
+            topk = indexer(hidden_states=hidden, q_resid=q_resid, attention_mask=torch.ones(2, 42, dtype=torch.bool),
+                           cache=None)
+        assert (topk > torch.arange(42)[None, :, None] - (torch.arange(42) + 1)[None, :, None] % 4).any()  # a tail
+
+    projections = get_adapter(model).indexer_projections(indexer, hidden, q_resid)
+    kl = IndexerKLLoss(projections.query, projections.key, projections.weights, num_layers=2, topk_indices=topk,
+                       backend="torch", pool_size=4)
+    for g in range(2):
+        kl.add_layer(teacher_q[g], teacher_k[g], 0.35)
+    value = kl.loss()
+    value.backward()
+    ours = {name: p.grad.clone() for name, p in indexer.named_parameters()}
+    indexer.zero_grad()
+
+    key = indexer.k_norm(indexer.wk(hidden))
+    gate = torch.nn.functional.linear(hidden, indexer.index_kpool_compress_gate)
+    pool_keys, _, _ = indexer.get_pooled_states(torch.cat([key, gate, torch.ones(2, 42, 1)], dim=-1))
+    q = indexer.wq_b(q_resid).view(2, 42, indexer.n_heads, indexer.head_dim) * indexer.softmax_scale
+    w = indexer.weights_proj(hidden) * indexer.n_heads ** -0.5
+    layer_kls = [reference_pooled_indexer_kl_loss(q, pool_keys, w, teacher_q[g:g + 1], teacher_k[g:g + 1], 0.35,
+                                                  pool_size=4, topk_indices=topk) for g in range(2)]
+    reference = sum(kl for kl, _ in layer_kls) / 2
+    reference.backward()
+    torch.testing.assert_close(value, (reference + sum(t for _, t in layer_kls) / 2).detach())
+    assert set(ours) >= {"index_kpool_compress_ape", "index_kpool_compress_gate", "wq_b.weight", "wk.weight"}
+    for name, p in indexer.named_parameters():
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_distillation_trains_only_the_f_indexers_and_the_loss_falls(stage, ids):
+    """Native path (sdpa), pattern FS: only layer 3's indexer, pooling parameters included, gets gradients,
+    and six AdamW steps lower the loss."""
+    from indexcache_train.distill import IndexerDistillation
+
+    model = build(initializer_range=0.5)
+    distill = IndexerDistillation(model, "FS", stage=stage)
+    counts = distill.freeze()
+    f_indexer = get_adapter(model).indexer(model, 0)
+    assert counts["trainable"] == sum(p.numel() for p in f_indexer.parameters())
+    trainable = [p for p in distill.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss, metrics = distill(ids)
+        loss.backward()
+        if not losses:
+            with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+            assert with_grad == {f"model.language_model.layers.3.self_attn.indexer.{n}"
+                                 for n, _ in f_indexer.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert set(metrics) == {"kl/layer0", "kl/layer1", "recall/layer0", "recall/layer1", "kl_group/layer0"}
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_indexcache_train_runs_on_a_tiny_glm5_next(tmp_path):
+    """`indexcache-train experiment=smoke_glm5_next`: the tiny random GLM-5.3-Flash (model=tiny_glm5_next) on the
+    native path, dense then sparse steps, the group KL falls on held-out batches, and the export reloads in
+    plain transformers without the S indexer."""
+    import json
+
+    from indexcache_train import train
+    from indexcache_train.config import compose_config
+
+    def config(*overrides):
+        return compose_config("train", ["experiment=smoke_glm5_next", f"output_dir={tmp_path}", *overrides])
+
+    summary = train.train(config("trainer.check_plan=true"))  # no plan for a family off the sparse forward
+    assert summary["pattern"] == "FS"
+    assert summary["after"]["kl_group/layer0"] < summary["before"]["kl_group/layer0"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["dense"] * 3 + ["sparse"] * 3
+    assert {"kl/layer1", "recall/layer1"} <= set(rows[0])
+    reloaded = load_plain(tmp_path / "export")
+    assert indexer_keys(reloaded) == ["model.language_model.layers.3"]
+    assert str(current_pattern(reloaded)) == "FS"
+
+
+def test_evaluate_reports_overlap_recall_and_flops(ids):
+    """indexcache-eval's `evaluate` on 3 indexed layers, FSS: the S layers' selections come from capture_topk
+    (its taps carry none), rows count from t = top-k + P - 1, and the pooled indexer's FLOPs scale with L^2/P."""
+    from indexcache_train.evaluate import evaluate, indexer_flops_per_layer
+
+    model = build(num_hidden_layers=12, initializer_range=0.5)
+    report = evaluate(model, [ids, ids.flip(0)], "FSS")
+    assert [(s.layer, s.source) for s in report.shared_layers] == [(1, 0), (2, 0)]
+    for s in report.shared_layers:
+        assert 0 < s.index_overlap < 1 and 0 < s.attention_recall < 1
+    assert report.indexer_flops_removed == pytest.approx(2 / 3) and report.lm_loss != report.lm_loss_all_full
+    text = model.config.text_config.to_dict()
+    per_key, per_pool = (indexer_flops_per_layer(Glm5NextConfig(text_config={**text, "index_kpool": pool}), 8000)
+                         for pool in (1, 4))
+    assert 3.5 < per_key / per_pool < 4  # the scored pairs, over pools of 4, dominate at 8K tokens
+    with pytest.raises(ValueError, match="drops a candidate"):
+        evaluate(model, [ids[:, :11]], "FSS")
+
+
+def test_analyze_layer_pairs_over_the_indexed_layers(ids):
+    """indexcache-analyze's pairwise matrices run over the pattern positions (3 indexed layers); a layer's own
+    top-k overlaps itself fully, and recall stays in (0, 1]."""
+    from indexcache_train.analyze import layer_pairs
+
+    pairs = layer_pairs(build(num_hidden_layers=12, initializer_range=0.5), [ids])
+    assert pairs.index_overlap.shape == (3, 3) and pairs.attention_recall.shape == (3, 3)
+    assert pairs.index_overlap.diagonal() == pytest.approx(1.0)
+    assert ((pairs.attention_recall > 0) & (pairs.attention_recall <= 1 + 1e-6)).all()
+    assert (pairs.index_overlap < 1).any()

@@ -36,6 +36,9 @@ FLOPs (causal: P = L t0 + L (L+1) / 2 pairs per head; 2 FLOPs per multiply-add),
   teacher: 2 passes (LSE, pass B) x G x H x 2D x P
   student: 6 x Hi x 2Di x P   (pass A, pass B, the dq kernel's a and dQ, the dk kernel's a and dK)
 
+Pools (`kpool` = P > 1, a pooled indexer, see `pooled.py`): the support of row t is s <= t - (t + 1) mod P
+instead of s <= t (`_visible`), everything else unchanged.
+
 Numerics: fp32 for logits, probabilities, LSEs and accumulators; bf16/fp16 inputs feed `tl.dot` natively on
 a GPU (fp32 inputs use TF32 there). Under TRITON_INTERPRET=1 every load is cast to fp32, since the
 interpreter's bf16 dot and arithmetic are wrong.
@@ -48,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, interpreting
+from .pooled import visible_limit
 
 # The constants, usable inside @triton.jit functions (Triton only reads constexpr globals).
 _LOG2E_C = tl.constexpr(LOG2E)
@@ -105,6 +109,15 @@ def _load_cols(col_ptrs, col_mask, d0, BD: tl.constexpr, D, CAST_FP32: tl.conste
 
 
 @triton.jit
+def _visible(offs_m, offs_n, KPOOL: tl.constexpr):
+    """[rows, keys] support: s <= t, or with pools of KPOOL keys (KPOOL > 1) s <= t - (t + 1) % KPOOL, the
+    last key of the last pool that ends at or before t (see `visible_limit`)."""
+    if KPOOL == 1:
+        return offs_n[None, :] <= offs_m[:, None]
+    return offs_n[None, :] <= (offs_m - (offs_m + 1) % KPOOL)[:, None]
+
+
+@triton.jit
 def _index_logits(iq_rows, s_iq_h, iw_rows, s_iw_h, m_mask, kt1, kt2, HI, DI,
                   BDI1: tl.constexpr, BDI2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAST_FP32: tl.constexpr):
@@ -128,7 +141,7 @@ def _student_lse_kernel(
     L, Q0, HI, DI,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h,
     KSPLIT, BDI1: tl.constexpr, BDI2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """Pass A: partial (max, sum) of 2^(I log2 e) over key blocks split, split+j*KSPLIT, ... <= diagonal.
     Grid (KSPLIT, query blocks [heaviest first], B); the splits of a block run side by side and share its q.
@@ -154,7 +167,7 @@ def _student_lse_kernel(
             kt2 = _load_cols(kcols, n_mask, BDI1, BDI2, DI, CAST_FP32)
         logits = _index_logits(iq_rows, s_iq_h, iw_rows, s_iw_h, m_mask, kt1, kt2, HI, DI,
                                BDI1, BDI2, BLOCK_M, BLOCK_N, CAST_FP32)
-        x = tl.where(offs_n[None, :] <= pos_m[:, None], logits * _LOG2E_C, float("-inf"))
+        x = tl.where(_visible(pos_m, offs_n, KPOOL), logits * _LOG2E_C, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
@@ -166,7 +179,8 @@ def _student_lse_kernel(
 
 @triton.jit
 def _teacher_lse_tile(q1, q2, tk_cols, pos_m, offs_n, num_keys, D, qk_scale2, m_i, l_i,
-                      BD1: tl.constexpr, BD2: tl.constexpr, CAUSAL: tl.constexpr, CAST_FP32: tl.constexpr):
+                      BD1: tl.constexpr, BD2: tl.constexpr, CAUSAL: tl.constexpr, CAST_FP32: tl.constexpr,
+                      KPOOL: tl.constexpr):
     n_mask = offs_n < num_keys
     kt1 = _load_cols(tk_cols, n_mask, 0, BD1, D, CAST_FP32)
     s = tl.dot(q1, kt1)
@@ -175,7 +189,7 @@ def _teacher_lse_tile(q1, q2, tk_cols, pos_m, offs_n, num_keys, D, qk_scale2, m_
         s = tl.dot(q2, kt2, s)
     s = s * qk_scale2
     if CAUSAL:
-        s = tl.where(offs_n[None, :] <= pos_m[:, None], s, float("-inf"))
+        s = tl.where(_visible(pos_m, offs_n, KPOOL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
     return m_new, l_i
@@ -187,11 +201,12 @@ def _teacher_lse_kernel(
     L, Q0, H, REP, D, qk_scale2,
     s_tq_g, s_tq_b, s_tq_h, s_tq_t, s_tk_g, s_tk_b, s_tk_h, s_tk_t,
     BD1: tl.constexpr, BD2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """lseT (base 2) of one (layer, batch, head, query block): an LSE-only flash-attention forward.
     q stays in registers, k streams; the off-diagonal key blocks run without a mask, the diagonal ones with.
-    Every row has its diagonal key, so the running max is finite after the first diagonal block."""
+    Every causal row has its diagonal key, so the running max is finite after the first diagonal block; with
+    pools (KPOOL > 1) the first KPOOL - 1 rows have no key, get lse = -inf, and every use of them is masked."""
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -213,11 +228,11 @@ def _teacher_lse_kernel(
     for start_n in range(0, lo, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_i, l_i = _teacher_lse_tile(q1, q2, k_base + offs_n * s_tk_t, pos_m, offs_n, Q0 + L, D, qk_scale2,
-                                     m_i, l_i, BD1, BD2, False, CAST_FP32)
+                                     m_i, l_i, BD1, BD2, False, CAST_FP32, KPOOL)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_i, l_i = _teacher_lse_tile(q1, q2, k_base + offs_n * s_tk_t, pos_m, offs_n, Q0 + L, D, qk_scale2,
-                                     m_i, l_i, BD1, BD2, True, CAST_FP32)
+                                     m_i, l_i, BD1, BD2, True, CAST_FP32, KPOOL)
     lse = m_i + tl.log2(l_i)
     tl.store(lse_ptr + (bh + g * tl.num_programs(1)) * L + offs_m, lse, mask=m_mask)
 
@@ -243,7 +258,7 @@ def _dense_loss_kernel(
     s_tq_g, s_tq_b, s_tq_h, s_tq_t, s_tk_g, s_tk_b, s_tk_h, s_tk_t, s_di_b, s_di_t,
     BDI1: tl.constexpr, BDI2: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr,
     KSPLIT, KV_SHARED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """Pass B over the chunk's rows [t0, t1), at key positions Q0 + t0 .. Q0 + t1 - 1. Grid (KSPLIT, query
     blocks of the chunk, B). For one tile the head mean p needs every teacher head before the (non-linear) loss
@@ -264,7 +279,7 @@ def _dense_loss_kernel(
     for kb in range(split, n_kb, KSPLIT):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Q0 + t1
-        valid = (offs_n[None, :] <= pos_m[:, None]) & m_mask[:, None]
+        valid = _visible(pos_m, offs_n, KPOOL) & m_mask[:, None]
         # ---- teacher: p = (1/GH) sum_{g,h} exp2(z * log2e - lse2)
         p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for g in range(G):
@@ -315,7 +330,7 @@ def _dense_dq_kernel(
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h, s_di_b, s_di_t,
     s_dq_b, s_dq_t, s_dq_h, s_dw_b, s_dw_t, s_dw_h,
     BDI1: tl.constexpr, BDI2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """dW and dQ of one (index head, query block): a flash-attention-backward dQ loop, q_h and dQ_h on chip,
     key tiles and dI tiles streaming. Grid (Hi, query blocks, B) with the head fastest, so the Hi programs
@@ -347,7 +362,7 @@ def _dense_dq_kernel(
         if BDI2 > 0:
             k2 = _load_rows(k_rows, n_mask, BDI1, BDI2, DI, CAST_FP32)
             a = tl.dot(q2, tl.trans(k2), a)
-        valid = (offs_n[None, :] <= pos_m[:, None]) & m_mask[:, None]
+        valid = _visible(pos_m, offs_n, KPOOL) & m_mask[:, None]
         g = tl.load(di_ptr + b * s_di_b + (offs_m - t0)[:, None] * s_di_t + offs_n[None, :], mask=valid,
                     other=0.0)
         dw += tl.sum(g * tl.maximum(a, 0.0), axis=1)
@@ -376,7 +391,7 @@ def _dense_dk_kernel(
     Q0, t0, t1, HI, DI, grad_scale,
     s_iq_b, s_iq_t, s_iq_h, s_ik_b, s_ik_t, s_iw_b, s_iw_t, s_iw_h, s_di_b, s_di_t, s_dk_b, s_dk_t,
     HEADS_PER_PROG, BDI1: tl.constexpr, BDI2: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAST_FP32: tl.constexpr, KPOOL: tl.constexpr,
 ):
     """dK of one key block over the chunk's query blocks and a slice of the index heads (dK needs a sum over
     all heads, so the heads are the inner loop: each dI tile is loaded once and reused by every head).
@@ -401,7 +416,7 @@ def _dense_dk_kernel(
     for qb in range(qb0, tl.cdiv(t1 - t0, BLOCK_M)):
         offs_m = t0 + qb * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < t1
-        valid = (offs_n[None, :] <= Q0 + offs_m[:, None]) & m_mask[:, None]
+        valid = _visible(Q0 + offs_m, offs_n, KPOOL) & m_mask[:, None]
         g = tl.load(di_ptr + b * s_di_b + (offs_m - t0)[:, None] * s_di_t + offs_n[None, :], mask=valid,
                     other=0.0)
         q_rows = iq_ptr + b * s_iq_b + offs_m.to(tl.int64)[:, None] * s_iq_t
@@ -462,12 +477,16 @@ def _num_sms(device: torch.device) -> int:
 
 def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, grad_scale,
                      d_index_q, d_index_k, d_index_weights, *, query_start=0, chunk_rows=None, configs=None,
-                     ksplit=None, head_splits=None) -> torch.Tensor:
+                     ksplit=None, head_splits=None, kpool: int = 1) -> torch.Tensor:
     interp = _interpreter_settings(index_q.device)
     cfg = dict(CPU_CONFIGS if interp else GPU_CONFIGS)
     if not interp and teacher_q.shape[-1] > 256:
         cfg.update(GPU_CONFIGS_WIDE)
     cfg.update(configs or {})
+    # The teacher LSE kernel runs the keys below its query block unmasked: with pools, that needs every query
+    # block to start on a pool boundary.
+    if any(cfg[name][0] % kpool for name in cfg):
+        raise ValueError(f"Pools of {kpool} keys need query tiles that are multiples of it; got {cfg}.")
     cast = interp
 
     def prep(x, like=None):
@@ -508,7 +527,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
         iq, ik, iw, m_part, l_part, L, Q0, HI, DI,
         iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1),
         iw.stride(0), iw.stride(1), iw.stride(2),
-        BDI1=bdi1, BDI2=bdi2, KSPLIT=ks, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+        BDI1=bdi1, BDI2=bdi2, KSPLIT=ks, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
     m_max = m_part.amax(0)
     lse_i = m_max + torch.log2((l_part * torch.exp2(m_part - m_max)).sum(0))
     del m_part, l_part
@@ -520,7 +539,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
         tq, tk, lse_t, L, Q0, H, H // HK, D, qk_scale2,
         tq.stride(0), tq.stride(1), tq.stride(2), tq.stride(3),
         tk.stride(0), tk.stride(1), tk.stride(2), tk.stride(3),
-        BD1=bd1, BD2=bd2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+        BD1=bd1, BD2=bd2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
 
     # ---- per chunk of query rows: pass B, then dQ/dW, then dK
     align = 128
@@ -544,7 +563,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
             tq.stride(0), tq.stride(1), tq.stride(2), tq.stride(3),
             tk.stride(0), tk.stride(1), tk.stride(2), tk.stride(3), scratch.stride(0), scratch.stride(1),
             BDI1=bdi1, BDI2=bdi2, BD1=bd1, BD2=bd2, KSPLIT=ks, KV_SHARED=HK == 1,
-            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
         losses.append(loss_part)
 
         bm, bn, extra = kw("dq")
@@ -554,7 +573,7 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
             iw.stride(0), iw.stride(1), iw.stride(2), scratch.stride(0), scratch.stride(1),
             d_index_q.stride(0), d_index_q.stride(1), d_index_q.stride(2),
             d_index_weights.stride(0), d_index_weights.stride(1), d_index_weights.stride(2),
-            BDI1=bdi1, BDI2=bdi2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+            BDI1=bdi1, BDI2=bdi2, BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
 
         bm, bn, extra = kw("dk")
         nkb = triton.cdiv(Q0 + t1, bn)
@@ -567,14 +586,14 @@ def _dense_kl_triton(index_q, index_k, index_weights, teacher_q, teacher_k, teac
             iw.stride(0), iw.stride(1), iw.stride(2), scratch.stride(0), scratch.stride(1),
             d_index_k.stride(0), d_index_k.stride(1),
             BDI1=bdi1, BDI2=bdi2, HEADS_PER_PROG=hpp, ATOMIC=hs > 1,
-            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, **extra)
+            BLOCK_M=bm, BLOCK_N=bn, CAST_FP32=cast, KPOOL=kpool, **extra)
     return torch.cat(losses).double().sum().float()
 
 
 # ---------------------------------------------------------------------------------------- torch path ----
 def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float,
                     grad_scale: float, d_index_q, d_index_k, d_index_weights, *, query_start: int = 0,
-                    chunk_rows: int | None = None) -> torch.Tensor:
+                    chunk_rows: int | None = None, kpool: int = 1) -> torch.Tensor:
     """Same contract as `dense_kl_accumulate`, in plain torch over chunks of C query rows: the largest
     intermediate is one layer's [B, H, C, T] scores (and [B, C, Hi, T] for the student, T the keys the chunk
     sees). Computes in fp32 (fp64 inputs stay fp64); each chunk's rows are complete, so softmaxes need no LSE
@@ -591,7 +610,7 @@ def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teach
         t1 = min(L, t0 + chunk_rows)
         keys = query_start + t1  # no row of the chunk sees a key past its last row's position
         positions = torch.arange(query_start + t0, keys, device=index_q.device)
-        causal = positions[:, None] >= torch.arange(keys, device=index_q.device)[None, :]   # [C, keys]
+        causal = visible_limit(positions, kpool)[:, None] >= torch.arange(keys, device=index_q.device)[None, :]
         # teacher target p [B, C, keys]
         p = torch.zeros(B, t1 - t0, keys, dtype=dtype, device=index_q.device)
         for g in range(G):
@@ -599,7 +618,7 @@ def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teach
             k = teacher_k[g, :, :, :keys].to(dtype).repeat_interleave(H // HK, dim=1)      # [B, H, keys, D]
             z = torch.matmul(q, k.transpose(-1, -2)) * teacher_scale
             z.masked_fill_(~causal, float("-inf"))
-            p += torch.softmax(z, dim=-1).sum(1)
+            p += torch.softmax(z, dim=-1).nan_to_num_(0.0).sum(1)  # a row with no visible pool gives 0
             del z
         p /= G * H
         # student
@@ -624,7 +643,7 @@ def _dense_kl_torch(index_q, index_k, index_weights, teacher_q, teacher_k, teach
 # ------------------------------------------------------------------------------------------ public ----
 def dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float,
                         grad_scale: float, d_index_q, d_index_k, d_index_weights, *, use_triton: bool,
-                        query_start: int = 0, chunk_rows: int | None = None) -> torch.Tensor:
+                        query_start: int = 0, chunk_rows: int | None = None, kpool: int = 1) -> torch.Tensor:
     """Adds grad_scale * d(sum over rows of KL)/d(index tensor) into the three fp32 accumulators (same shapes
     as the index tensors, contiguous fp32, possibly non-zero: added to, not overwritten), and returns the
     sum over all B*L rows of KL(p || q) as an fp32 0-dim tensor (no autograd graph).
@@ -635,7 +654,9 @@ def dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, t
     a block of the keys' sequence, a context-parallel rank's chunk say; with query_start = 0 and T = L they are
     all of it. `use_triton` picks the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or the chunked
     torch path. `chunk_rows` overrides the number of query rows per chunk (a multiple of 128 on the Triton
-    path)."""
+    path). `kpool` > 1 narrows the support of the row at position t to the keys of the pools of `kpool` keys
+    that end at or before t (`pooled.visible_limit`; rows without one give 0): with index_k holding each
+    token's pool key, that is the pooled indexer's KL (`pooled.py`)."""
     num_rows, num_keys = index_q.shape[1], index_k.shape[1]
     if not isinstance(query_start, int) or query_start < 0 or query_start + num_rows > num_keys:
         raise ValueError(f"query_start={query_start!r} must be an int with 0 <= query_start and query_start + L "
@@ -644,4 +665,4 @@ def dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, t
     with torch.no_grad():
         fn = _dense_kl_triton if use_triton else _dense_kl_torch
         return fn(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, grad_scale, d_index_q,
-                  d_index_k, d_index_weights, query_start=query_start, chunk_rows=chunk_rows)
+                  d_index_k, d_index_weights, query_start=query_start, chunk_rows=chunk_rows, kpool=kpool)

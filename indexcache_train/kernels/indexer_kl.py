@@ -20,6 +20,7 @@ import torch
 
 from .common import interpreting
 from .dense import dense_kl_accumulate
+from .pooled import pool_candidates
 from .sparse import sparse_kl_accumulate
 
 BACKENDS = ("triton", "torch")
@@ -139,19 +140,28 @@ class IndexerKLLoss:
     rows the mean is over, so that the shards' losses and gradients sum to the whole sequence's. In dense
     mode each block of rows names the sequence position of its first row (`query_position`), which sets
     its causal limit; a shard of several runs of positions comes as one block per run.
+
+    Pooled indexer (`pool_size` P > 1, `pooled.py`): index_k holds each token's pool key (`pool_to_tokens`), and
+    row t's support is the pools complete at t, cut from the selection in sparse mode; the gradients are the
+    pooled KL's, the value is that KL plus a teacher-only term.
     """
 
     def __init__(self, index_q, index_k, index_weights, *, num_layers: int, topk_indices=None,
-                 backend: str | None = None, check_indices: bool = True, total_rows: int | None = None):
+                 backend: str | None = None, check_indices: bool = True, total_rows: int | None = None,
+                 pool_size: int = 1):
         sharded = total_rows is not None
         _check_index_tensors(index_q, index_k, index_weights, index_k.shape[1] if sharded else None)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        _check_pool_size(pool_size, sharded)
         batch, seq_len = index_q.shape[:2]
         if sharded:
             check_indices = False  # its causal check takes the rows for the keys' first ones
         if topk_indices is not None and check_indices:  # the range check syncs with the device
             check_topk_indices(topk_indices, batch, seq_len)
+        if topk_indices is not None and pool_size > 1:
+            topk_indices = pool_candidates(topk_indices, pool_size)
+        self.pool_size = pool_size
         self.index_tensors = (index_q, index_k, index_weights)
         self.num_layers, self.topk_indices = num_layers, topk_indices
         self.backend = pick_backend(index_q.device, backend)
@@ -194,7 +204,7 @@ class IndexerKLLoss:
                                 teacher_k.detach().unsqueeze(0), teacher_scale, topk, grad_scale,
                                 d_q[:, rows], d_k, d_w[:, rows], self.backend,
                                 None if teacher_lse is None else teacher_lse.float().unsqueeze(0),
-                                query_start if query_position is None else query_position)
+                                query_start if query_position is None else query_position, self.pool_size)
         self._open_total = total if self._open_total is None else self._open_total + total
         self._open_rows += block
         if self._open_rows < seq_len:
@@ -211,36 +221,49 @@ class IndexerKLLoss:
         return _PrecomputedGradient.apply(value, *self.index_tensors, *self.grads)
 
 
+def _check_pool_size(pool_size: int, sharded: bool = False) -> None:
+    if not isinstance(pool_size, int) or pool_size < 1:
+        raise ValueError(f"pool_size must be a positive integer, got {pool_size!r}.")
+    if pool_size > 1 and sharded:
+        raise ValueError("A pooled indexer's KL does not take a shard of the query rows (total_rows=).")
+
+
 def _accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale, topk_indices,
-                grad_scale, d_q, d_k, d_w, backend, teacher_lse=None, query_position=0) -> torch.Tensor:
+                grad_scale, d_q, d_k, d_w, backend, teacher_lse=None, query_position=0,
+                pool_size: int = 1) -> torch.Tensor:
     use_triton = backend == "triton"
     if topk_indices is None:
         return dense_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
-                                   grad_scale, d_q, d_k, d_w, use_triton=use_triton, query_start=query_position)
+                                   grad_scale, d_q, d_k, d_w, use_triton=use_triton, query_start=query_position,
+                                   kpool=pool_size)
     return sparse_kl_accumulate(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale,
                                 topk_indices, grad_scale, d_q, d_k, d_w, use_triton=use_triton,
                                 teacher_lse=teacher_lse)
 
 
 def indexer_kl_loss(index_q, index_k, index_weights, teacher_q, teacher_k, teacher_scale: float, *,
-                    topk_indices=None, backend: str | None = None) -> torch.Tensor:
+                    topk_indices=None, backend: str | None = None, pool_size: int = 1) -> torch.Tensor:
     """mean over the B*L query rows of KL(p_bar || softmax(I)), with gradients for the three index tensors.
 
     index_q [B, L, Hi, Di], index_k [B, L, Di], index_weights [B, L, Hi]: the indexer, its scales folded in.
     teacher_q [G, B, H, L, D], teacher_k [G, B, Hk, L, D]: the served layers' attention (H % Hk == 0), each
     head's probabilities softmax(teacher_scale * q . k) over s <= t, or over `topk_indices` [B, L, k] in
     sparse mode (-1 marks an empty slot). p_bar averages them over layers and heads. The teacher gets no
-    gradient. fp32 or bf16 inputs; nothing of size L x L is stored.
+    gradient. fp32 or bf16 inputs; nothing of size L x L is stored. `pool_size` > 1: a pooled indexer, as in
+    `IndexerKLLoss`.
     """
     _check_index_tensors(index_q, index_k, index_weights)
     _check_teacher(index_q, teacher_q, teacher_k)
+    _check_pool_size(pool_size)
     batch, seq_len = index_q.shape[:2]
     if topk_indices is not None:
         check_topk_indices(topk_indices, batch, seq_len)
+        topk_indices = pool_candidates(topk_indices, pool_size) if pool_size > 1 else topk_indices
     backend = pick_backend(index_q.device, backend)
     index_tensors = (index_q, index_k, index_weights)
     grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in index_tensors]
     with torch.no_grad():
         total = _accumulate(*(t.detach() for t in index_tensors), teacher_q.detach(), teacher_k.detach(),
-                            teacher_scale, topk_indices, 1.0 / (batch * seq_len), *grads, backend)
+                            teacher_scale, topk_indices, 1.0 / (batch * seq_len), *grads, backend,
+                            pool_size=pool_size)
     return _PrecomputedGradient.apply(total / (batch * seq_len), *index_tensors, *grads)

@@ -11,6 +11,8 @@ block of the keys' sequence, row t at position query_start + t: then s <= query_
 entries (DeepSeek-V4, compress rate m) the keys are the L // m entries and the causal rule is s < (t + 1) // m.
 """
 
+import math
+
 import torch
 
 
@@ -117,3 +119,40 @@ def sparse_mla_attention_reference(q, kv, indices, scale, value_dim, query_start
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no selected key gives 0, not NaN
     return torch.einsum("blht,btv->blhv", probs, kv[..., :value_dim]), lse
+
+
+def reference_pooled_indexer_kl_loss(index_q, pool_keys, index_weights, teacher_q, teacher_k, teacher_scale, *,
+                                     pool_size: int, topk_indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialising reference of the pooled indexer's KL (`kernels/pooled.py`), over pools.
+
+    pool_keys [B, C, Di] are the compressed keys of the complete pools (pool c = keys cP .. cP + P - 1). Key s
+    is a candidate of query t when its pool has ended by t, (s // P) P + P - 1 <= t, and, in sparse mode, when
+    topk_indices[b, t] selects it. The teacher is each head's attention over those keys, head- and
+    layer-averaged and summed into pools; the student is softmax over the candidate pools of
+    J[t, c] = sum_h w[t,h] relu(q[t,h] . K[c]). Returns (mean over rows of KL over pools, mean over rows of the
+    teacher-only term by which the token-level form exceeds it). Computes in at least fp32."""
+    dtype = torch.promote_types(index_q.dtype, torch.float32)
+    index_q, pool_keys, index_weights = (x.to(dtype) for x in (index_q, pool_keys, index_weights))
+    teacher_q, teacher_k = teacher_q.detach().to(dtype), teacher_k.detach().to(dtype)
+    batch, seq_len = index_q.shape[:2]
+    pools = pool_keys.shape[1]
+    device = index_q.device
+    keys = torch.arange(seq_len, device=device)
+    pool_end = (keys // pool_size) * pool_size + pool_size - 1
+    ended = pool_end[None, :] <= keys[:, None]  # [t, s]
+    support = support_mask(batch, seq_len, device, topk_indices) & ended
+    token_target = teacher_probs(teacher_q, teacher_k, teacher_scale, support)  # [B, L, L]
+    owner = ((keys[:, None] // pool_size) == torch.arange(pools, device=device)[None, :]).to(dtype)  # [L, C]
+    target = token_target @ owner  # [B, L, C]
+    pool_support = (support.to(dtype) @ owner) > 0
+    scores = torch.einsum("bthd,bcd->bthc", index_q, pool_keys).relu()
+    logits = torch.einsum("bth,bthc->btc", index_weights, scores).masked_fill(~pool_support, torch.finfo(dtype).min)
+    log_q = torch.log_softmax(logits, dim=-1)
+    inside = target > 0
+    kl = torch.where(inside, target * (target.clamp_min(1e-30).log() - log_q.masked_fill(~inside, 0.0)), 0.0)
+
+    def plogp(p):
+        return torch.where(p > 0, p * p.clamp_min(1e-30).log(), 0.0).sum(-1)
+
+    teacher_term = plogp(token_target) - plogp(target) + math.log(pool_size) * pool_support.any(-1)
+    return kl.sum(-1).mean(), teacher_term.mean()
