@@ -12,6 +12,10 @@ through the transformer. During a single no-grad forward:
 3. the loss is the sum over F layers of their groups' mean KL, and its backward only scales the stored
    gradients through each indexer's projections. DeepSpeed's `engine.backward` sees an ordinary loss.
 
+Each F indexer's loss is the mean KL over its group, the layers it serves (the paper's multi-layer loss);
+`cross_layer=False` keeps its own layer's term only, the paper's "w/o cross-layer loss" ablation, with the
+model still running the pattern (the S layers attend through their F layer's top-k).
+
 Stages: `dense` distils the full causal attention of each served layer; `sparse` distils the attention
 renormalised over the F layer's top-k, the set every layer of the group actually attends to. In the sparse
 stage the MLA teacher goes to the kernel in its absorbed form (`teacher.py`); on the sparse forward
@@ -68,7 +72,7 @@ class IndexerDistillation(nn.Module):
 
     def __init__(self, model: nn.Module, pattern: IndexCachePattern | str | float, *, stage: str = "dense",
                  kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto",
-                 context_parallel: ContextParallel | None = None):
+                 cross_layer: bool = True, context_parallel: ContextParallel | None = None):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"Unknown distillation stage {stage!r}; choose from {STAGES}.")
@@ -87,6 +91,7 @@ class IndexerDistillation(nn.Module):
         self.pattern = current_pattern(model)
         self.stage, self.kl_backend, self.recall_rows = stage, kl_backend, recall_rows
         self.teacher_form = teacher_form
+        self.cross_layer = cross_layer
 
     @property
     def absorbed(self) -> bool:
@@ -159,7 +164,7 @@ class IndexerDistillation(nn.Module):
             layer = indexer.layer_idx
             groups[layer] = IndexerKLLoss(
                 projections.query, key, projections.weights,
-                num_layers=1 + len(self.pattern.groups[layer]),
+                num_layers=1 + len(self.pattern.groups[layer]) if self.cross_layer else 1,
                 topk_indices=topk, backend=self.kl_backend,
                 check_indices=False,  # causal_topk leaves only keys s <= t, or -1
                 total_rows=total_rows,
@@ -171,8 +176,9 @@ class IndexerDistillation(nn.Module):
                                                for layer in range(self.adapter.num_layers(self.model))])
 
         def add_layer(call: AttentionCall) -> None:
-            kl = groups[self.pattern.source_layer(call.layer)]
-            metrics[f"kl/layer{call.layer}"] = self.add_teacher(kl, call, native_absorbed)
+            source = self.pattern.source_layer(call.layer)
+            if self.cross_layer or call.layer == source:
+                metrics[f"kl/layer{call.layer}"] = self.add_teacher(groups[source], call, native_absorbed)
             if self.recall_rows:
                 metrics[f"recall/layer{call.layer}"] = sampled_recall(call, call.topk_indices, self.recall_rows)
 
