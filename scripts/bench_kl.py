@@ -126,34 +126,19 @@ def guarded(fn, budget_s, clear=None):
 
 
 # ------------------------------------------------------------------------------------------- losses ----
-def fused_step(inputs, topk):
+def loss_step(loss_fn, inputs, topk):
+    """One forward + backward of `loss_fn` (a KL loss with `indexer_kl_loss`'s signature) on `inputs`."""
     iq, ik, iw, tq, tk, scale = inputs
 
     def step():
         for x in (iq, ik, iw):
             x.grad = None
-        indexer_kl_loss(iq, ik, iw, tq, tk, scale, topk_indices=topk).backward()
+        loss_fn(iq, ik, iw, tq, tk, scale, topk_indices=topk).backward()
     return step
 
 
-def naive_step(inputs, topk):
-    iq, ik, iw, tq, tk, scale = inputs
-
-    def step():
-        for x in (iq, ik, iw):
-            x.grad = None
-        reference_indexer_kl_loss(iq, ik, iw, tq, tk, scale, topk_indices=topk).backward()
-    return step
-
-
-def chunked_step(inputs, topk):
-    iq, ik, iw, tq, tk, scale = inputs
-
-    def step():
-        for x in (iq, ik, iw):
-            x.grad = None
-        indexer_kl_loss(iq, ik, iw, tq, tk, scale, topk_indices=topk, backend="torch").backward()
-    return step
+def chunked_kl_loss(*args, **kwargs):
+    return indexer_kl_loss(*args, **kwargs, backend="torch")
 
 
 def sdpa_step(inputs):
@@ -205,15 +190,15 @@ def run_shape(mode, L, G, a):
     # For an absorbed-MLA teacher (Hk = 1, D = 576) SDPA has no fused kernel: its "floor" would be the
     # math backend, slower than the fused loss and out of memory from 32K.
     row["floor"] = "skipped" if a.skip_floor else guarded(sdpa_step(inputs), budget)
-    row["fused"] = guarded(fused_step(inputs, topk), budget, clear)
+    row["fused"] = guarded(loss_step(indexer_kl_loss, inputs, topk), budget, clear)
     if a.skip_naive or L > NAIVE_MAX[mode]:
         row["naive"] = "skipped"
     else:
-        row["naive"] = guarded(naive_step(inputs, topk), budget, clear)
+        row["naive"] = guarded(loss_step(reference_indexer_kl_loss, inputs, topk), budget, clear)
     if a.skip_chunked or L > CHUNKED_MAX[mode]:
         row["chunked"] = "skipped"
     else:
-        row["chunked"] = guarded(chunked_step(inputs, topk), budget, clear)
+        row["chunked"] = guarded(loss_step(chunked_kl_loss, inputs, topk), budget, clear)
     fl, ff = floor_flops(L, G, a), fused_flops(L, G, a, k)
     row["floor_tflops"] = None if isinstance(row["floor"], str) else fl / row["floor"][0] / 1e12
     row["fused_tflops"] = None if isinstance(row["fused"], str) else ff / row["fused"][0] / 1e12
@@ -374,7 +359,7 @@ def main():
             for shape in a.breakdown or ["8192:2"]:
                 L, G = (int(x) for x in shape.split(":"))
                 inputs = make_inputs(L, G, a)
-                bd = kernel_breakdown(fused_step(inputs, None))
+                bd = kernel_breakdown(loss_step(indexer_kl_loss, inputs, None))
                 report["breakdown"][f"L={L},G={G}"] = bd
                 print(f"breakdown L={L} G={G} (ms):", json.dumps({k: round(v, 2) for k, v in bd.items()}),
                       flush=True)
