@@ -115,6 +115,16 @@ def _teacher_block(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, idx_row, s_i_k, p_ro
 
 
 @triton.jit
+def _row_start(pid, row0, L, K, idx_ptr, s_i_b, s_i_l, pbar_ptr):
+    """The query row (b, t) program `pid` of a launch starting at flat row `row0` handles, with pointers to its
+    top-k and to its row of the p buffer (one row per program of the launch)."""
+    row = (row0 + pid).to(tl.int64)
+    b = row // L
+    t = row % L
+    return b, t, idx_ptr + b * s_i_b + t * s_i_l, pbar_ptr + pid.to(tl.int64) * K
+
+
+@triton.jit
 def _sparse_teacher_kernel(
     tq_ptr, tk_ptr, idx_ptr, pbar_ptr, lse_ptr,
     row0, L, K, G, H, R, D,
@@ -127,11 +137,7 @@ def _sparse_teacher_kernel(
     USE_DOT: tl.constexpr, CAST_FP32: tl.constexpr, HAS_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = (row0 + pid).to(tl.int64)
-    b = row // L
-    t = row % L
-    idx_row = idx_ptr + b * s_i_b + t * s_i_l
-    p_row = pbar_ptr + pid.to(tl.int64) * K
+    b, t, idx_row, p_row = _row_start(pid, row0, L, K, idx_ptr, s_i_b, s_i_l, pbar_ptr)
     offs_h = tl.arange(0, BH)
     # Pointers advance by the (possibly > 2^31) layer / kv-head strides instead of multiplying loop counters.
     tq_row = tq_ptr + b * s_tq_b + t * s_tq_l
@@ -189,11 +195,7 @@ def _sparse_student_kernel(
     HIP: tl.constexpr, DIP: tl.constexpr, BK: tl.constexpr, CAST_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = (row0 + pid).to(tl.int64)
-    b = row // L
-    t = row % L
-    idx_row = idx_ptr + b * s_i_b + t * s_i_l
-    p_row = pbar_ptr + pid.to(tl.int64) * K
+    b, t, idx_row, p_row = _row_start(pid, row0, L, K, idx_ptr, s_i_b, s_i_l, pbar_ptr)
     offs_k = tl.arange(0, BK)
     offs_h = tl.arange(0, HIP)
     offs_d = tl.arange(0, DIP)
