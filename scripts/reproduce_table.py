@@ -113,13 +113,12 @@ def measure(model: nn.Module, pattern: IndexCachePattern, batches: list[torch.Te
 
 
 # ------------------------------------------------------------------------------------------------ distilling
-def stage_config(args: argparse.Namespace, stage: str, steps: int, lr: float):
+def stage_config(args: argparse.Namespace, steps: int, lr: float):
     """The trainer's config for one stage of a row: its defaults (AdamW betas and weight decay, clipping, the
     cosine's floor), ZeRO 0 in fp32, and this stage's batch size, steps, peak lr and warm-up."""
     return compose_config("train", [
         "deepspeed=zero0", "deepspeed.bf16=false", "logger=disabled", f"data.batch_size={args.batch_size}",
-        f"distill.stage={stage}", f"trainer.max_steps={steps}", f"trainer.lr={lr}",
-        f"trainer.warmup_steps={max(1, steps // 20)}",
+        f"trainer.max_steps={steps}", f"trainer.lr={lr}", f"trainer.warmup_steps={max(1, steps // 20)}",
     ])
 
 
@@ -141,7 +140,7 @@ def distill(model: nn.Module, pattern: IndexCachePattern, cross_layer: bool, bat
         for stage, steps, lr in stages:
             if steps == 0:
                 continue
-            cfg = stage_config(args, stage, steps, lr)
+            cfg = stage_config(args, steps, lr)
             distillation.stage = stage
             engine, trainable = build_engine(cfg, distillation, args.device)
             for step in range(steps):
