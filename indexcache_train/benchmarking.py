@@ -3,6 +3,7 @@ medians, peak memory, and writing JSON + markdown results."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shlex
 import statistics
@@ -37,6 +38,15 @@ def dsv32_shaped_config(num_layers: int = 4, **overrides):
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    """Drop what the last measurement left (its tensors, the allocator's cache), so that the next peak starts
+    from what is still alive."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def timed(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3) -> dict:

@@ -72,6 +72,7 @@ class DistillConfig:
     kl_backend: str | None = None  # None: Triton on GPU, chunked torch on CPU
     recall_rows: int = 64  # query rows per layer for the logged attention-mass recall; 0 turns it off
     teacher_form: str = "auto"  # auto (absorbed MLA in the sparse stage, expanded in dense) | absorbed | expanded
+    cross_layer: bool = True  # each F indexer learns every layer it serves; false: its own layer only (ablation)
 
 
 @dataclass

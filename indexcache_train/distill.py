@@ -12,6 +12,10 @@ through the transformer. During a single no-grad forward:
 3. the loss is the sum over F layers of their groups' mean KL, and its backward only scales the stored
    gradients through each indexer's projections. DeepSpeed's `engine.backward` sees an ordinary loss.
 
+Each F indexer's loss is the mean KL over its group, the layers it serves (the paper's multi-layer loss);
+`cross_layer=False` keeps its own layer's term only, the paper's "w/o cross-layer loss" ablation, with the
+model still running the pattern (the S layers attend through their F layer's top-k).
+
 Stages: `dense` distils the full causal attention of each served layer; `sparse` distils the attention
 renormalised over the F layer's top-k, the set every layer of the group actually attends to. In the sparse
 stage the MLA teacher goes to the kernel in its absorbed form (`teacher.py`); on the sparse forward
@@ -105,7 +109,7 @@ class IndexerDistillation(nn.Module):
 
     def __init__(self, model: nn.Module, pattern: IndexCachePattern | str | float, *, stage: str = "dense",
                  kl_backend: str | None = None, recall_rows: int = 64, teacher_form: str = "auto",
-                 context_parallel: ContextParallel | None = None):
+                 cross_layer: bool = True, context_parallel: ContextParallel | None = None):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"Unknown distillation stage {stage!r}; choose from {STAGES}.")
@@ -123,6 +127,7 @@ class IndexerDistillation(nn.Module):
         self.pattern = current_pattern(model)
         self.stage, self.kl_backend, self.recall_rows = stage, kl_backend, recall_rows
         self.teacher_form = teacher_form
+        self.cross_layer = cross_layer
 
     @property
     def absorbed(self) -> bool:
@@ -211,7 +216,7 @@ class IndexerDistillation(nn.Module):
                 if rate > 1:  # candidates are compressed entries; the indexer marks unseen ones -1
                     groups[layer] = CompressedIndexerKL(
                         projections.query, projections.key, projections.weights, compress_rate=rate,
-                        num_layers=1 + len(self.pattern.groups[layer]), backend=self.kl_backend,
+                        num_layers=self.group_size(layer), backend=self.kl_backend,
                         topk_indices=output.to(torch.int32) if sparse else None, check_indices=False)
                     return
                 if layout is None:
@@ -223,7 +228,7 @@ class IndexerDistillation(nn.Module):
                     topk, total_rows = output.to(torch.int32) if sparse else None, key.shape[0] * key.shape[1]
             groups[layer] = IndexerKLLoss(
                 projections.query, key, projections.weights,
-                num_layers=1 + len(self.pattern.groups[layer]),
+                num_layers=self.group_size(layer),
                 topk_indices=topk, backend=self.kl_backend,
                 check_indices=False,  # causal_topk leaves only keys s <= t, or -1
                 total_rows=total_rows, pool_size=pool_size,
@@ -237,20 +242,20 @@ class IndexerDistillation(nn.Module):
         # A group is finished once its F layer and every layer it serves have been added: its indexer's
         # gradients are then computed and its state (q/k/w, their fp32 accumulators, the projections' saved
         # inputs) freed, so that one group's state is alive at a time, not every F layer's until the end.
-        unseen = {layer: 1 + len(served) for layer, served in self.pattern.groups.items()}
+        unseen = {layer: self.group_size(layer) for layer in self.pattern.groups}
         finished: dict[int, tuple[torch.Tensor, tuple, list[nn.Parameter]]] = {}
 
         def add_layer(call: AttentionCall) -> None:
             source = self.pattern.source_layer(call.layer)
-            kl = groups[source]
-            metrics[f"kl/layer{call.layer}"] = self.add_teacher(kl, call, native_absorbed, layout)
             if self.recall_rows:  # Glm5Next folds its selection into the mask: take its F layer's top-k
                 selection = call.topk_indices if call.topk_indices is not None else selections[source]
                 metrics[f"recall/layer{call.layer}"] = sampled_recall(call, selection, self.recall_rows, layout)
+            if not (self.cross_layer or call.layer == source):
+                return
+            metrics[f"kl/layer{call.layer}"] = self.add_teacher(groups[source], call, native_absorbed, layout)
             unseen[source] -= 1
             if unseen[source] == 0 and wants_grad:
                 finished[source] = self.finish_group(source, groups.pop(source))
-                del selections[source]
 
         hooks = [indexer.register_forward_hook(open_group, with_kwargs=True) for indexer in self.indexers.values()]
         try:
@@ -273,6 +278,11 @@ class IndexerDistillation(nn.Module):
         for layer, loss in sorted(group_losses.items()):
             metrics[f"kl_group/layer{layer}"] = loss.detach()
         return torch.stack([loss for _, loss in sorted(group_losses.items())]).sum(), metrics
+
+    def group_size(self, layer: int) -> int:
+        """The layers whose attention F layer `layer`'s indexer is distilled against: its group (the paper's
+        multi-layer loss), or itself only without the cross-layer loss."""
+        return 1 + len(self.pattern.groups[layer]) if self.cross_layer else 1
 
     def finish_group(self, layer: int, kl: IndexerKLLoss) -> tuple[torch.Tensor, tuple, list[nn.Parameter]]:
         """The group's loss value and its F indexer's parameter gradients, through the projections' graph,

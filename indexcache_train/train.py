@@ -8,8 +8,8 @@
 `train(cfg)` reads top to bottom:
 - **setup**: check the config against the model's config.json (before any weights load), load the base,
   apply the pattern and freeze all but the F-layer indexers, and wrap them in DeepSpeed with a client AdamW
-  and a warm-up + cosine schedule; resume from a checkpoint when asked;
-- **the loop**: `train_step` (one frozen forward and `engine.backward` per micro-batch), logging, and a
+  and a warm-up + cosine schedule (`engine.build_engine`); resume from a checkpoint when asked;
+- **the loop**: `engine.train_step` (one frozen forward and `engine.backward` per micro-batch), logging, and a
   checkpoint every `trainer.save_every` steps, each holding only the trainable tensors and written atomically;
   a non-finite loss stops the run before it touches the weights; `trainer.memory_report_step` traces one
   step's memory and writes what is alive at its peak, by line of code (`memory_report.py`);
@@ -38,19 +38,19 @@ from .config import CONFIG_DIR, check_known_keys, register_configs
 from .context_parallel import check_context_parallel_size, parallel_groups
 from .data import build_dataloader, load_packed
 from .distill import IndexerDistillation
+from .engine import build_engine, deepspeed_config, train_step, uses_bf16
 from .export import export_indexcache
 from .files import write_text_atomically
 from .memory_report import MemoryTrace, format_report
 from .metrics import lm_loss
 from .modeling import (LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype,
                        text_config)
-from .optim import warmup_cosine
 from .pattern import IndexCachePattern
-from .sparse_forward import SPARSE_ATTENTION
 from .plan import check_run_plan
-from .runtime import all_ranks_finite, init_distributed, mean_over_ranks, resolve_device, seed_everything
+from .runtime import init_distributed, resolve_device, seed_everything
+from .sparse_forward import SPARSE_ATTENTION
 from .tracking import Tracker
-from .zero import ZeroContext, gathered_forward, place, zero_settings
+from .zero import ZeroContext, gathered_forward, place
 
 log = logging.getLogger(__name__)
 STAGES = ("dense", "sparse", "schedule")
@@ -105,45 +105,10 @@ def check_context_parallel_config(cfg: DictConfig, world_size: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- pieces
-def uses_bf16(cfg: DictConfig, device: torch.device) -> bool:
-    """deepspeed.bf16: auto is bf16 on a GPU, fp32 on a CPU."""
-    return device.type == "cuda" if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
-
-
-def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict:
-    """The DeepSpeed JSON, with `deepspeed.config` merged in last (recursively, so that one nested key does
-    not replace its section). No optimizer is named in it (a client AdamW is passed), so no fused op compiles."""
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.trainer.gradient_accumulation_steps,
-        "gradient_clipping": cfg.trainer.gradient_clipping,
-        **zero_settings(cfg.deepspeed),
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return OmegaConf.to_container(OmegaConf.merge(config, cfg.deepspeed.config), resolve=True)
-
-
 def stage_at(cfg: DictConfig, step: int) -> str:
     if cfg.distill.stage == "schedule":
         return "dense" if step < cfg.distill.dense_steps else "sparse"
     return cfg.distill.stage
-
-
-def build_engine(cfg: DictConfig, distillation: IndexerDistillation, device: torch.device):
-    """DeepSpeed around `distillation`, with AdamW over its trainable tensors and the warm-up + cosine."""
-    import deepspeed
-
-    trainable = [p for p in distillation.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas),
-                                  weight_decay=cfg.trainer.weight_decay)
-    scheduler = warmup_cosine(optimizer, cfg.trainer.warmup_steps, cfg.trainer.lr_decay_steps or cfg.trainer.max_steps,
-                              cfg.trainer.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=distillation, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, uses_bf16(cfg, device)))
-    return engine, trainable
 
 
 def load_eval_batches(cfg: DictConfig, tokenizer, device: torch.device) -> list[torch.Tensor]:
@@ -202,43 +167,6 @@ def format_before_after(before: dict, after: dict, pattern: str) -> str:
     return "\n".join(lines)
 
 
-def train_step(engine, batches, cfg: DictConfig, device: torch.device, trainable: list[torch.nn.Parameter],
-               step: int, last_saved: Path | None) -> dict[str, float]:
-    """One optimizer step over `trainer.gradient_accumulation_steps` micro-batches. Returns the loss and
-    metrics averaged over the micro-batches and the data-parallel replicas, and the gradient norm.
-
-    Context parallel, a rank's loss is its share of its replica's sequence loss (the C shares of a CP group
-    sum to it), while DeepSpeed averages gradients over all W = C * D ranks. Scaled by C, the average is
-    (1 / (C D)) sum_replicas sum_shares C g_share = (1 / D) sum_replicas g_sequence: the update of D-way data
-    parallelism on the same sequences. The mean over the world of the scaled losses is, likewise, the mean
-    over replicas of their sequence losses; the metrics are already whole-sequence values on every rank."""
-    micro_batches = cfg.trainer.gradient_accumulation_steps
-    context_size = cfg.context_parallel_size
-    sums: dict[str, torch.Tensor] = {}
-    grad_norm = None
-    for _ in range(micro_batches):
-        loss, metrics = engine(next(batches)["input_ids"].to(device))
-        if not all_ranks_finite(loss):
-            raise FloatingPointError(
-                f"The loss is {loss.item()} at step {step + 1}: the run stops before updating the weights. "
-                f"Last good checkpoint: {last_saved or 'none yet'} (untouched)."
-            )
-        loss = loss * context_size
-        engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary() and cfg.deepspeed.zero_stage == 0:
-            # Only ZeRO optimizers record the norm; without ZeRO the full gradients are on hand.
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-        engine.step()
-        for key, value in {"loss": loss, **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + value.detach() / micro_batches
-    if cfg.deepspeed.zero_stage > 0:
-        grad_norm = engine.get_global_grad_norm()
-    record = mean_over_ranks(sums)
-    if grad_norm is not None:
-        record["grad_norm"] = float(grad_norm)
-    return record
-
-
 # --------------------------------------------------------------------------------------------- the recipe
 def train(cfg: DictConfig) -> dict:
     # ---- setup
@@ -283,7 +211,7 @@ def train(cfg: DictConfig) -> dict:
                           if eval_batches and resume_from is None else None)
     distillation = IndexerDistillation(model, cfg.distill.pattern, stage=stage_at(cfg, 0),
                                        kl_backend=cfg.distill.kl_backend, recall_rows=cfg.distill.recall_rows,
-                                       teacher_form=cfg.distill.teacher_form,
+                                       teacher_form=cfg.distill.teacher_form, cross_layer=cfg.distill.cross_layer,
                                        context_parallel=groups.context_parallel)
     counts = distillation.freeze()
     log.info("Pattern %s: %d trainable parameters (F-layer indexers), %d frozen.", distillation.pattern,

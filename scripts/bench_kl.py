@@ -22,7 +22,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -32,17 +31,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from indexcache_train.benchmarking import GIB, free_memory
+from indexcache_train.kernels import dense, indexer_kl_loss
+from indexcache_train.kernels.reference import reference_indexer_kl_loss
 
-from indexcache_train.kernels import dense  # noqa: E402
-from indexcache_train.kernels.reference import reference_indexer_kl_loss  # noqa: E402
-
-try:
-    from indexcache_train.kernels import indexer_kl_loss  # noqa: E402
-except ImportError:  # the public entry point is not there yet: call the dense kernels directly
-    indexer_kl_loss = None
-
-GIB = 1024 ** 3
 # Baselines are skipped above these lengths (naive: O(L^2) memory; chunked: O(L^2) time at ~0.3 TFLOP/s).
 NAIVE_MAX = {"dense": 8192, "sparse": 8192}
 CHUNKED_MAX = {"dense": 16384, "sparse": 4096}
@@ -130,50 +122,23 @@ def guarded(fn, budget_s, clear=None):
     except torch.cuda.OutOfMemoryError:
         return "OOM"
     finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
 
 
 # ------------------------------------------------------------------------------------------- losses ----
-def fused_step(inputs, topk):
+def loss_step(loss_fn, inputs, topk):
+    """One forward + backward of `loss_fn` (a KL loss with `indexer_kl_loss`'s signature) on `inputs`."""
     iq, ik, iw, tq, tk, scale = inputs
 
     def step():
         for x in (iq, ik, iw):
             x.grad = None
-        if indexer_kl_loss is not None:
-            loss = indexer_kl_loss(iq, ik, iw, tq, tk, scale, topk_indices=topk)
-            loss.backward()
-        else:  # dense only: the kernels' accumulate call (what the public function wraps)
-            accs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (iq, ik, iw)]
-            dense.dense_kl_accumulate(iq.detach(), ik.detach(), iw.detach(), tq, tk, scale,
-                                      1.0 / (iq.shape[0] * iq.shape[1]), *accs, use_triton=True)
+        loss_fn(iq, ik, iw, tq, tk, scale, topk_indices=topk).backward()
     return step
 
 
-def naive_step(inputs, topk):
-    iq, ik, iw, tq, tk, scale = inputs
-
-    def step():
-        for x in (iq, ik, iw):
-            x.grad = None
-        reference_indexer_kl_loss(iq, ik, iw, tq, tk, scale, topk_indices=topk).backward()
-    return step
-
-
-def chunked_step(inputs, topk):
-    iq, ik, iw, tq, tk, scale = inputs
-
-    def step():
-        for x in (iq, ik, iw):
-            x.grad = None
-        if indexer_kl_loss is not None:
-            indexer_kl_loss(iq, ik, iw, tq, tk, scale, topk_indices=topk, backend="torch").backward()
-        else:
-            accs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (iq, ik, iw)]
-            dense.dense_kl_accumulate(iq.detach(), ik.detach(), iw.detach(), tq, tk, scale,
-                                      1.0 / (iq.shape[0] * iq.shape[1]), *accs, use_triton=False)
-    return step
+def chunked_kl_loss(*args, **kwargs):
+    return indexer_kl_loss(*args, **kwargs, backend="torch")
 
 
 def sdpa_step(inputs):
@@ -225,15 +190,15 @@ def run_shape(mode, L, G, a):
     # For an absorbed-MLA teacher (Hk = 1, D = 576) SDPA has no fused kernel: its "floor" would be the
     # math backend, slower than the fused loss and out of memory from 32K.
     row["floor"] = "skipped" if a.skip_floor else guarded(sdpa_step(inputs), budget)
-    row["fused"] = guarded(fused_step(inputs, topk), budget, clear)
+    row["fused"] = guarded(loss_step(indexer_kl_loss, inputs, topk), budget, clear)
     if a.skip_naive or L > NAIVE_MAX[mode]:
         row["naive"] = "skipped"
     else:
-        row["naive"] = guarded(naive_step(inputs, topk), budget, clear)
+        row["naive"] = guarded(loss_step(reference_indexer_kl_loss, inputs, topk), budget, clear)
     if a.skip_chunked or L > CHUNKED_MAX[mode]:
         row["chunked"] = "skipped"
     else:
-        row["chunked"] = guarded(chunked_step(inputs, topk), budget, clear)
+        row["chunked"] = guarded(loss_step(chunked_kl_loss, inputs, topk), budget, clear)
     fl, ff = floor_flops(L, G, a), fused_flops(L, G, a, k)
     row["floor_tflops"] = None if isinstance(row["floor"], str) else fl / row["floor"][0] / 1e12
     row["fused_tflops"] = None if isinstance(row["fused"], str) else ff / row["fused"][0] / 1e12
@@ -241,8 +206,7 @@ def run_shape(mode, L, G, a):
                     else row["fused"][0] / row["floor"][0])
     leaves.clear()
     del inputs, topk
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return row
 
 
@@ -362,8 +326,7 @@ def main():
         dense.GPU_CONFIGS.update({k: tuple(v) for k, v in json.loads(a.configs).items()})
     dev = torch.cuda.get_device_properties(0)
     meta = {"device": dev.name, "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "argv": sys.argv, "configs": dense.GPU_CONFIGS,
-            "fused_entry": "indexer_kl_loss" if indexer_kl_loss is not None else "dense_kl_accumulate"}
+            "argv": sys.argv, "configs": dense.GPU_CONFIGS}
     print(json.dumps(meta), flush=True)
     report = {"meta": meta}
 
@@ -372,9 +335,6 @@ def main():
     else:
         modes = ["dense", "sparse"] if a.mode == "both" else [a.mode]
         rows = []
-        if "sparse" in modes and indexer_kl_loss is None:
-            print("sparse mode skipped: indexcache_train.kernels.indexer_kl_loss is not importable", flush=True)
-            modes.remove("sparse")
         for L in a.lengths:
             for mode in modes:
                 for G in a.groups:
@@ -385,8 +345,7 @@ def main():
                         row = {"mode": mode, "L": L, "G": G, "error": f"{type(e).__name__}: {e}"[:300]}
                         print(json.dumps(row), flush=True)
                         report.setdefault("errors", []).append(row)
-                        gc.collect()
-                        torch.cuda.empty_cache()
+                        free_memory()
                         continue
                     rows.append(row)
                     print(markdown([row]).splitlines()[-1], f"  [{time.perf_counter() - t:.0f}s]", flush=True)
@@ -400,7 +359,7 @@ def main():
             for shape in a.breakdown or ["8192:2"]:
                 L, G = (int(x) for x in shape.split(":"))
                 inputs = make_inputs(L, G, a)
-                bd = kernel_breakdown(fused_step(inputs, None))
+                bd = kernel_breakdown(loss_step(indexer_kl_loss, inputs, None))
                 report["breakdown"][f"L={L},G={G}"] = bd
                 print(f"breakdown L={L} G={G} (ms):", json.dumps({k: round(v, 2) for k, v in bd.items()}),
                       flush=True)

@@ -28,9 +28,7 @@ weights included); "OOM" when the step runs out of GPU memory. Attention-mass re
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -42,16 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from indexcache_train import use_sparse_forward
 from indexcache_train.adapters import apply_indexcache, current_pattern, get_adapter
+from indexcache_train.benchmarking import GIB, free_memory, synchronize
 from indexcache_train.distill import IndexerDistillation, causal_topk
 from indexcache_train.kernels.reference import student_logits, support_mask
 from indexcache_train.modeling import tiny_config
 from indexcache_train.runtime import run_environment
 
-GIB = 1024**3
 PATTERN = 0.25  # uniform 1/4: FSSS per group
 # Indexer 8 heads x 128. Both trainers share one model; each switches it to its own forward.
 MODEL_SIZES = {
@@ -150,20 +146,8 @@ def random_batch(model: nn.Module, length: int, device: torch.device) -> torch.T
     return torch.randint(0, model.config.vocab_size, (1, length), generator=generator, device=device)
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------ measure ---
@@ -175,7 +159,7 @@ def compare_losses(trainers: dict[str, nn.Module], input_ids: torch.Tensor) -> d
             losses[name] = trainer(input_ids).item()
         except torch.cuda.OutOfMemoryError:
             losses[name] = None
-        free_memory(input_ids.device)
+        free_memory()
     ours, naive = losses["ours"], losses["naive"]
     rel_diff = abs(ours - naive) / abs(naive) if None not in (ours, naive) else None
     return {"length": input_ids.shape[1], **losses, "rel_diff": rel_diff}
@@ -186,13 +170,13 @@ def time_steps(trainer: nn.Module, input_ids: torch.Tensor, steps: int, warmup: 
     optimizer = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for step in range(warmup + steps):
-        synchronize(device)
+        synchronize()
         start = time.perf_counter()
         loss = trainer(input_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
+        synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
@@ -203,12 +187,12 @@ def time_steps(trainer: nn.Module, input_ids: torch.Tensor, steps: int, warmup: 
 def run_case(trainer: nn.Module | None, input_ids: torch.Tensor, steps: int, warmup: int) -> dict:
     if trainer is None:
         return {"status": "n/a"}
-    free_memory(input_ids.device)  # each case's peak starts from the model weights alone
+    free_memory()  # each case's peak starts from the model weights alone
     try:
         result = time_steps(trainer, input_ids, steps, warmup)
     except torch.cuda.OutOfMemoryError:
         result = {"status": "OOM", "peak_gib": peak_gib(input_ids.device)}
-    free_memory(input_ids.device)  # outside the except block, so the traceback's tensors are gone
+    free_memory()  # outside the except block, so the traceback's tensors are gone
     return result
 
 

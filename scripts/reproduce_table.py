@@ -11,9 +11,11 @@ attention-mass recall of five rows:
                                each with as many F layers as (b)
   d. uniform + distillation    each F indexer distilled against every layer of its group (the multi-layer
                                loss, paper Eq. 1): a dense warm-up, then the sparse stage
-  e. uniform + own-layer only  the paper's "w/o cross-layer loss" ablation: each F indexer of the uniform
-                               pattern is distilled with the all-F grouping (its served layers: itself
-                               only), same steps and batches as (d); then evaluated with the uniform pattern
+  e. uniform + own-layer only  the paper's "w/o cross-layer loss" ablation: the same run as (d), under the
+                               uniform pattern (its S layers attend through their F layer's top-k), but each
+                               F indexer's loss is its own layer's KL alone (`cross_layer=False`)
+
+Every row is trained (d, e) and scored under its own pattern.
 
 **Mean attention-mass recall** (one definition, every row): run the model with the row's pattern through the
 attention tap (`metrics.layer_recalls`, through `capture.attention_taps`). For each layer, take its dense causal attention, head-averaged
@@ -22,13 +24,16 @@ layer actually attends to under the pattern (its own indexer's on an F layer, it
 `metrics.attention_recall`. Only queries with more than `index_topk` candidate keys count (on the others any
 selection holds every key), as in `metrics.py`. The figure is the mean over those queries, then over layers.
 
-The distillation here is a research reproduction, not the trainer: a plain torch AdamW loop on one device
-around `IndexerDistillation` (the production path, DeepSpeed and checkpoints, is `indexcache-train`). Each of
-(d) and (e) reloads the model from `--model`, so both start from the same weights, and reseeds, so both see
-the same batches. The dense stage uses `--dense-lr` (1e-3, DeepSeek's warm-up LR); the sparse stage
-`--sparse-lr` (1e-4, the tiny model's pretraining sparse LR: DeepSeek's 7.3e-6 was for a run of a far larger
-model and moves a 7M-parameter model's indexers by nothing in a few hundred steps). Each stage has its own
-AdamW with a linear warm-up then a cosine (`optim.warmup_cosine`).
+The distillation is the trainer's: `IndexerDistillation` in DeepSpeed's engine with the trainer's AdamW,
+warm-up + cosine and gradient clipping (`engine.build_engine`), stepped by `engine.train_step`, all read from
+the trainer's own config (`indexcache-train`'s defaults, ZeRO 0, fp32). It leaves out what a row does not
+need: checkpoints, the before/after evaluation, the export. Each of (d) and (e) reloads the model from
+`--model`, so both start from the same weights, and reseeds, so both see the same batches. Its two stages
+each get their own engine, and so their own learning rate and schedule (warm-up over 1/20 of the stage,
+then a cosine to 0.1 of the peak); the trainer's one `trainer.lr` serves both stages. The dense stage uses
+`--dense-lr` (1e-3, DeepSeek's warm-up LR); the sparse stage `--sparse-lr` (1e-4, the tiny model's
+pretraining sparse LR: DeepSeek's 7.3e-6 was for a run of a far larger model and moves a 7M-parameter
+model's indexers by nothing in a few hundred steps).
 
     python scripts/reproduce_table.py --out outputs/reproduce/table --device cuda   # the embedded model, ~6.5 min
     python scripts/reproduce_table.py --model outputs/pretrain_tiny --out ...       # a fresh pretrain_tiny.py run
@@ -53,15 +58,15 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from indexcache_train.adapters import apply_indexcache, get_adapter
-from indexcache_train.config import EMBEDDED_MODEL_DIR
+from indexcache_train.config import EMBEDDED_MODEL_DIR, compose_config
 from indexcache_train.data import build_dataloader, load_packed
 from indexcache_train.distill import IndexerDistillation
+from indexcache_train.engine import build_engine, train_step
 from indexcache_train.metrics import layer_recalls, lm_loss
 from indexcache_train.modeling import check_seq_len, load_model
-from indexcache_train.optim import warmup_cosine
 from indexcache_train.pattern import IndexCachePattern
-from indexcache_train.runtime import resolve_device, run_environment, seed_everything
 from indexcache_train.pattern_search import greedy_search
+from indexcache_train.runtime import init_distributed, resolve_device, run_environment, seed_everything
 
 ROWS = {
     "a": "all-F",
@@ -76,8 +81,6 @@ RECALL_DEFINITION = (
     "indexer's on an F layer, its F layer's on an S layer), over the queries with more than index_topk "
     "candidate keys; then the mean over layers."
 )
-GRAD_CLIP = 1.0
-MIN_LR_RATIO = 0.1
 
 # Quoted from the IndexCache paper (arXiv 2603.12201), never measured here: 30B DSA model, 200K context, long-context
 # benchmark average (higher is better).
@@ -110,16 +113,25 @@ def measure(model: nn.Module, pattern: IndexCachePattern, batches: list[torch.Te
 
 
 # ------------------------------------------------------------------------------------------------ distilling
-def distill(model: nn.Module, train_pattern: IndexCachePattern, layers: list[int], batches,
-            args: argparse.Namespace, desc: str) -> dict:
-    """Train the indexers of `layers` with `IndexerDistillation` under `train_pattern` (which decides each
-    indexer's served layers): `--dense-fraction` of `--distill-steps` dense, the rest sparse. Returns the
-    training curve (the distilled indexers' group KL per step)."""
-    adapter = get_adapter(model)
-    distillation = IndexerDistillation(model, train_pattern, stage="dense", kl_backend=args.kl_backend,
-                                       recall_rows=0)
+def stage_config(args: argparse.Namespace, steps: int, lr: float):
+    """The trainer's config for one stage of a row: its defaults (AdamW betas and weight decay, clipping, the
+    cosine's floor), ZeRO 0 in fp32, and this stage's batch size, steps, peak lr and warm-up."""
+    return compose_config("train", [
+        "deepspeed=zero0", "deepspeed.bf16=false", "logger=disabled", f"data.batch_size={args.batch_size}",
+        f"trainer.max_steps={steps}", f"trainer.lr={lr}", f"trainer.warmup_steps={max(1, steps // 20)}",
+    ])
+
+
+def distill(model: nn.Module, pattern: IndexCachePattern, cross_layer: bool, batches, args: argparse.Namespace,
+            desc: str) -> dict:
+    """Train the F indexers of `pattern` with the trainer's step, the model running `pattern`:
+    `--dense-fraction` of `--distill-steps` dense, the rest sparse. `cross_layer` picks the loss, each F
+    layer's group (the paper's) or its own layer alone. Returns the training curve (the F indexers' mean
+    group KL per step)."""
+    distillation = IndexerDistillation(model, pattern, stage="dense", kl_backend=args.kl_backend, recall_rows=0,
+                                       cross_layer=cross_layer)
     distillation.freeze()
-    params = [p for layer in layers for p in adapter.indexer(model, layer).parameters()]
+    layers = pattern.full_layers
     dense_steps = round(args.distill_steps * args.dense_fraction)
     stages = [("dense", dense_steps, args.dense_lr), ("sparse", args.distill_steps - dense_steps, args.sparse_lr)]
     curve: dict[str, list[float]] = {"dense": [], "sparse": []}
@@ -128,36 +140,27 @@ def distill(model: nn.Module, train_pattern: IndexCachePattern, layers: list[int
         for stage, steps, lr in stages:
             if steps == 0:
                 continue
+            cfg = stage_config(args, steps, lr)
             distillation.stage = stage
-            optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-            scheduler = warmup_cosine(optimizer, max(1, steps // 20), steps, MIN_LR_RATIO)
-            for _ in range(steps):
-                # Each group's KL depends only on its own indexer (the inputs are detached), so the gradient
-                # of the sum on `params` is that of the distilled groups alone. In (e) the all-F grouping also
-                # opens the other layers' groups; their indexers' gradients are dropped, never applied.
-                loss, metrics = distillation(next(batches)["input_ids"].to(args.device))
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-                optimizer.step()
-                scheduler.step()
-                model.zero_grad(set_to_none=True)
-                kl = sum(metrics[f"kl_group/layer{layer}"].item() for layer in layers) / len(layers)
-                curve[stage].append(kl)
+            engine, trainable = build_engine(cfg, distillation, args.device)
+            for step in range(steps):
+                record = train_step(engine, batches, cfg, args.device, trainable, step)
+                curve[stage].append(sum(record[f"kl_group/layer{layer}"] for layer in layers) / len(layers))
                 progress.update()
                 progress.set_postfix(stage=stage, kl=f"{curve[stage][-1]:.4f}")
-    return {"train_pattern": str(train_pattern), "trained_layers": layers,
-            "steps": {"dense": dense_steps, "sparse": args.distill_steps - dense_steps},
+            engine.destroy()
+    return {"pattern": str(pattern), "loss": "multi-layer" if cross_layer else "own layer only",
+            "trained_layers": layers, "steps": {"dense": dense_steps, "sparse": args.distill_steps - dense_steps},
             "lr": {"dense": args.dense_lr, "sparse": args.sparse_lr}, "kl_curve": curve,
             "seconds": time.perf_counter() - started}
 
 
-def distilled_row(args, pattern: IndexCachePattern, train_pattern: IndexCachePattern, train_data,
-                  val_batches, desc: str) -> dict:
-    """Reload the model, distil the F indexers of `pattern` under `train_pattern`, measure with `pattern`."""
+def distilled_row(args, pattern: IndexCachePattern, cross_layer: bool, train_data, val_batches, desc: str) -> dict:
+    """Reload the model, distil the F indexers of `pattern` under it, measure with it."""
     model = fresh_model(args)
     seed_everything(args.seed)
     batches = iter(build_dataloader(train_data, args.batch_size, seed=args.seed, infinite=True))
-    training = distill(model, train_pattern, pattern.full_layers, batches, args, desc)
+    training = distill(model, pattern, cross_layer, batches, args, desc)
     row = measure(model, pattern, val_batches)
     del model
     return {**row, "training": training}
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     args.device = resolve_device(args.device)
+    init_distributed()  # the trainer's step averages its metrics over ranks: here a world of one
     if args.device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     out = Path(args.out)
@@ -227,9 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"--- retention {name}: uniform {pattern}")
         rows = {"a": all_full, "b": measure(model, pattern, val_batches),
                 "c": measure(model, searched(len(pattern.full_layers)), val_batches)}
-        rows["d"] = distilled_row(args, pattern, pattern, train_data, val_batches, f"(d) distil {pattern}")
-        rows["e"] = distilled_row(args, pattern, IndexCachePattern.all_full(num_layers), train_data, val_batches,
-                                  f"(e) distil {pattern}, own layer only")
+        rows["d"] = distilled_row(args, pattern, True, train_data, val_batches, f"(d) distil {pattern}")
+        rows["e"] = distilled_row(args, pattern, False, train_data, val_batches, f"(e) distil {pattern}, own layer only")
         results[f"{ratio:g}"] = {"retention": name, "ratio": ratio,
                                  "rows": {key: {"label": ROWS[key], **row} for key, row in rows.items()}}
         print(format_table({f"{ratio:g}": results[f"{ratio:g}"]}))
@@ -299,9 +302,10 @@ Model `{model['path']}` ({model['num_layers']} layers, index_topk {model['index_
 ## Our table (measured)
 Validation: {data['validation_sequences']} sequences of {data['seq_len']} tokens from the standard library's
 held-out files; LM loss in nats per token (lower is better). Greedy search calibrated on
-{data['calibration_sequences']} training sequences. Distillation (d), (e): {args['distill_steps']} steps of
+{data['calibration_sequences']} training sequences. Distillation (d), (e): the trainer's step, {args['distill_steps']} steps of
 {data['tokens_per_distill_step']} tokens ({args['dense_fraction']:.0%} dense at lr {args['dense_lr']:g}, then
-sparse at lr {args['sparse_lr']:g}), each from the same weights and on the same batches.
+sparse at lr {args['sparse_lr']:g}), each from the same weights and on the same batches. Every row is trained
+and scored under the pattern it shows; (e) differs from (d) only in its loss, each F indexer's own layer alone.
 
 {format_table(summary['results'])}
 

@@ -61,6 +61,26 @@ def test_loss_is_the_multi_layer_kl_of_the_captured_attention(stage):
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_own_layer_only_keeps_each_f_layers_own_term_under_the_pattern(stage):
+    """cross_layer=False (the paper's ablation): the same forward under the pattern, but each F indexer's
+    loss is its own layer's KL alone, which equals that layer's term of the multi-layer loss."""
+    model = build_tiny("glm_moe_dsa", initializer_range=0.2)
+    ids = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
+    cross = IndexerDistillation(model, "FSSF", stage=stage, kl_backend="torch", recall_rows=0)
+    _, cross_metrics = cross(ids)
+    own = IndexerDistillation(model, "FSSF", stage=stage, kl_backend="torch", recall_rows=0, cross_layer=False)
+    own.freeze()
+    loss, metrics = own(ids)
+    assert sorted(k for k in metrics if k.startswith("kl/")) == ["kl/layer0", "kl/layer3"]
+    for layer in (0, 3):
+        torch.testing.assert_close(metrics[f"kl_group/layer{layer}"], cross_metrics[f"kl/layer{layer}"])
+    assert not torch.allclose(cross_metrics["kl_group/layer0"], metrics["kl_group/layer0"])  # layers 1, 2 count there
+    torch.testing.assert_close(loss, cross_metrics["kl/layer0"] + cross_metrics["kl/layer3"])
+    loss.backward()
+    assert all((p.grad is not None) == p.requires_grad for p in own.parameters())
+
+
 def test_unknown_stage_is_refused():
     with pytest.raises(ValueError, match="Unknown distillation stage"):
         IndexerDistillation(build_tiny(), "FSSF", stage="warmup")

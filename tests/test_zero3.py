@@ -84,11 +84,11 @@ def test_two_rank_zero3_loads_partitioned_and_matches_one_rank(tmp_path, base):
 def test_cpu_offload_runs_and_exports(tmp_path):
     from test_train import smoke_config
 
-    from indexcache_train import train
+    from indexcache_train import engine, train
 
     cfg = smoke_config(tmp_path, "deepspeed=zero3_offload", "trainer.max_steps=2", "distill.dense_steps=1",
                        "trainer.eval_batches=1")
-    assert train.deepspeed_config(cfg, bf16=False)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert engine.deepspeed_config(cfg, bf16=False)["zero_optimization"]["offload_param"]["device"] == "cpu"
     summary = train.train(cfg)
     assert summary["after"]["lm_loss"] < 10 and (tmp_path / "export" / "config.json").is_file()
     assert json.loads((tmp_path / "plan.json").read_text())["offload_param"] == "cpu"

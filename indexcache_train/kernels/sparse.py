@@ -115,6 +115,16 @@ def _teacher_block(tq_row, s_tq_h, tk_base, s_tk_h, s_tk_l, idx_row, s_i_k, p_ro
 
 
 @triton.jit
+def _row_start(pid, row0, L, K, idx_ptr, s_i_b, s_i_l, pbar_ptr):
+    """The query row (b, t) program `pid` of a launch starting at flat row `row0` handles, with pointers to its
+    top-k and to its row of the p buffer (one row per program of the launch)."""
+    row = (row0 + pid).to(tl.int64)
+    b = row // L
+    t = row % L
+    return b, t, idx_ptr + b * s_i_b + t * s_i_l, pbar_ptr + pid.to(tl.int64) * K
+
+
+@triton.jit
 def _sparse_teacher_kernel(
     tq_ptr, tk_ptr, idx_ptr, pbar_ptr, lse_ptr,
     row0, L, K, G, H, R, D,
@@ -127,11 +137,7 @@ def _sparse_teacher_kernel(
     USE_DOT: tl.constexpr, CAST_FP32: tl.constexpr, HAS_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = (row0 + pid).to(tl.int64)
-    b = row // L
-    t = row % L
-    idx_row = idx_ptr + b * s_i_b + t * s_i_l
-    p_row = pbar_ptr + pid.to(tl.int64) * K
+    b, t, idx_row, p_row = _row_start(pid, row0, L, K, idx_ptr, s_i_b, s_i_l, pbar_ptr)
     offs_h = tl.arange(0, BH)
     # Pointers advance by the (possibly > 2^31) layer / kv-head strides instead of multiplying loop counters.
     tq_row = tq_ptr + b * s_tq_b + t * s_tq_l
@@ -161,6 +167,20 @@ def _sparse_teacher_kernel(
 
 
 @triton.jit
+def _student_slot_logits(q, w, k_base, s_k_l, idx, valid, offs_d, dmask, CAST_FP32: tl.constexpr):
+    """The student's logits over one chunk of a row's selected slots, in base 2: log2(e) * sum_h w[h] *
+    relu(q[h] . k_I[idx[s]]), -inf on empty slots. Also returns the gathered keys [BK, DIP] and the per-head
+    scores a [HIP, BK], which the gradient pass reuses. Both passes of `_sparse_student_kernel` call it, so
+    the LSE of pass 1 and the softmax of pass 2 are taken over the same logits."""
+    kk = tl.load(k_base + idx[:, None] * s_k_l + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+    if CAST_FP32:
+        kk = kk.to(tl.float32)
+    a = tl.dot(q, tl.trans(kk), input_precision="ieee")  # [HIP, BK]
+    logit = tl.sum(w[:, None] * tl.maximum(a, 0.0), axis=0) * 1.4426950408889634
+    return tl.where(valid, logit, float("-inf")), kk, a
+
+
+@triton.jit
 def _sparse_student_kernel(
     iq_ptr, ik_ptr, iw_ptr, idx_ptr, pbar_ptr, dq_ptr, dk_ptr, dw_ptr, loss_ptr,
     row0, L, K, Hi, Di,
@@ -175,11 +195,7 @@ def _sparse_student_kernel(
     HIP: tl.constexpr, DIP: tl.constexpr, BK: tl.constexpr, CAST_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = (row0 + pid).to(tl.int64)
-    b = row // L
-    t = row % L
-    idx_row = idx_ptr + b * s_i_b + t * s_i_l
-    p_row = pbar_ptr + pid.to(tl.int64) * K
+    b, t, idx_row, p_row = _row_start(pid, row0, L, K, idx_ptr, s_i_b, s_i_l, pbar_ptr)
     offs_k = tl.arange(0, BK)
     offs_h = tl.arange(0, HIP)
     offs_d = tl.arange(0, DIP)
@@ -202,13 +218,7 @@ def _sparse_student_kernel(
         idx = tl.load(idx_row + slots * s_i_k, mask=slots < K, other=-1).to(tl.int64)
         valid = idx >= 0
         if tl.max(valid.to(tl.int32), axis=0) > 0:
-            kk = tl.load(k_base + idx[:, None] * s_k_l + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                         other=0.0)
-            if CAST_FP32:
-                kk = kk.to(tl.float32)
-            a = tl.dot(q, tl.trans(kk), input_precision="ieee")  # [HIP, BK]
-            logit = tl.sum(w[:, None] * tl.maximum(a, 0.0), axis=0) * 1.4426950408889634
-            logit = tl.where(valid, logit, float("-inf"))
+            logit, _, _ = _student_slot_logits(q, w, k_base, s_k_l, idx, valid, offs_d, dmask, CAST_FP32)
             m_new = tl.maximum(m, tl.max(logit, axis=0))
             lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(logit - m_new), axis=0)
             m = m_new
@@ -224,20 +234,14 @@ def _sparse_student_kernel(
         idx = tl.load(idx_row + slots * s_i_k, mask=slots < K, other=-1).to(tl.int64)
         valid = idx >= 0
         if tl.max(valid.to(tl.int32), axis=0) > 0:
-            kk = tl.load(k_base + idx[:, None] * s_k_l + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                         other=0.0)
-            if CAST_FP32:
-                kk = kk.to(tl.float32)
-            a = tl.dot(q, tl.trans(kk), input_precision="ieee")
-            ra = tl.maximum(a, 0.0)
-            logit = tl.sum(w[:, None] * ra, axis=0) * 1.4426950408889634
-            log2q = logit - lse
+            logit, kk, a = _student_slot_logits(q, w, k_base, s_k_l, idx, valid, offs_d, dmask, CAST_FP32)
+            log2q = tl.where(valid, logit - lse, 0.0)  # finite on empty slots, where p is 0: no 0 * inf
             qs = tl.where(valid, tl.exp2(log2q), 0.0)
             p = tl.load(p_row + slots, mask=valid, other=0.0)
             pos = p > 0
             loss += tl.sum(tl.where(pos, p * (tl.log2(tl.where(pos, p, 1.0)) - log2q), 0.0), axis=0) * 0.6931471805599453
             di = tl.where(valid, (qs - p) * grad_scale, 0.0)  # gradient w.r.t. the logits, scaled
-            dw += tl.sum(di[None, :] * ra, axis=1)
+            dw += tl.sum(di[None, :] * tl.maximum(a, 0.0), axis=1)
             gm = tl.where(a > 0, di[None, :] * w[:, None], 0.0)  # d/da, [HIP, BK]
             gm = gm.to(q.dtype)
             dq = tl.dot(gm, kk, dq, input_precision="ieee")
