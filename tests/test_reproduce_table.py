@@ -30,8 +30,9 @@ def run_script(tmp_path, *args, seed=0):
          "--eval-batches", "1", "--calib-batches", "1", "--batch-size", "2", "--max-train-records", "20",
          "--device", "cpu"],
         capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
-        # This checkout's package, installed or not; the trainer's step needs a (one-rank) process group.
-        env={"MASTER_PORT": "29654", **os.environ, "PYTHONPATH": str(ROOT)})
+        # This checkout's package, installed or not; the trainer's step needs a (one-rank) process group, on a
+        # port of its own: an earlier in-process run leaves MASTER_PORT set and its store listening there.
+        env={**os.environ, "MASTER_PORT": "29654", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(Path(f"{out}.json").read_text()), Path(f"{out}.md").read_text()
 
