@@ -117,7 +117,15 @@ def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, config=None
                        pattern=cfg.distill.pattern, zero_stage=zero_stage, offload_param=cfg.deepspeed.offload_param,
                        offload_optimizer=cfg.deepspeed.offload_optimizer, fp8_base=fp8_base, gpu_gib=gpu_gib,
                        activation_scale=cfg.plan.activation_scale, reserve_gib=cfg.plan.reserve_gib,
-                       dtype_bytes=dtype_bytes)
+                       dtype_bytes=dtype_bytes, **_zero3_sizes(cfg.deepspeed.config))
+
+
+def _zero3_sizes(overrides) -> dict[str, float]:
+    """The two ZeRO-3 sizes the plan depends on, where `deepspeed.config` sets them (DeepSpeed's defaults
+    otherwise)."""
+    section = (overrides or {}).get("zero_optimization") or {}
+    return {"max_live_parameters": float(section.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)),
+            "reduce_bucket": float(section.get("reduce_bucket_size", REDUCE_BUCKET))}
 
 
 def meta_model(config) -> nn.Module:
@@ -137,11 +145,13 @@ def meta_model(config) -> nn.Module:
 def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_size: int, pattern,
                 zero_stage: int, offload_param: str = "none", offload_optimizer: str = "none", fp8_base: bool = False,
                 gpu_gib: float | None = H200_GIB, activation_scale: float = ACTIVATION_SCALE, reserve_gib: float = 2.0,
-                dtype_bytes: int = 2) -> Plan:
+                dtype_bytes: int = 2, max_live_parameters: float = MAX_LIVE_PARAMETERS,
+                reduce_bucket: float = REDUCE_BUCKET) -> Plan:
     """The per-GPU plan for distilling `model` with `pattern`: a model as built (meta or loaded, partitioned or
     not) before any pattern is applied, so that every indexer is in place. The S layers' indexers count as
     frozen weights: they stay in memory, off the module tree, until the export drops them. `dtype_bytes` is
-    the run's compute dtype (2: bf16, DeepSpeed's on a GPU; 4: fp32), for weights and activations."""
+    the run's compute dtype (2: bf16, DeepSpeed's on a GPU; 4: fp32), for weights and activations;
+    `max_live_parameters` and `reduce_bucket` are ZeRO-3's stage3_max_live_parameters and reduce_bucket_size."""
     from .adapters import get_adapter
     from .pattern import IndexCachePattern
 
@@ -160,14 +170,14 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
 
     if zero_stage == 3:
         share = 0 if offload_param != "none" else frozen_bytes / world_size
-        gathered = MAX_LIVE_PARAMETERS + largest
+        gathered = max_live_parameters + largest
         weights = share + dtype_bytes * min(frozen_bytes / dtype_bytes, gathered)
     else:
         weights = frozen_bytes
     optimizer = _optimizer_bytes(params_trainable, largest_trainable, world_size, zero_stage, offload_param,
                                  offload_optimizer)
     if zero_stage == 3:  # allocated at start for contiguous gradients, whatever the trainable count
-        optimizer += REDUCE_BUCKET * dtype_bytes
+        optimizer += reduce_bucket * dtype_bytes
     terms = activation_terms(model.config, batch=micro_batch_size, seq_len=seq_len,
                              act_bytes=dtype_bytes)
     activations = activation_scale * (terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"]))

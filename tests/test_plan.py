@@ -123,3 +123,21 @@ def test_plan_is_within_ten_percent_of_the_h200_step_peaks():
         plan = plan_memory(model, world_size=1, seq_len=row["length"], micro_batch_size=1, pattern="FSSS",
                            zero_stage=0)
         assert plan.total_gib_per_gpu == pytest.approx(row["sparse_step"]["peak_gib"], rel=0.10)
+
+
+def test_zero3_sizes_set_in_the_deepspeed_config_change_the_plan():
+    """stage3_max_live_parameters and reduce_bucket_size, set through deepspeed.config, replace DeepSpeed's
+    defaults in the weights and optimizer terms, element for element in bf16."""
+    from indexcache_train.plan import H200_GIB, plan_from_config
+
+    def plan(*overrides):
+        cfg = compose_config("plan", ["model=glm5_shape", "plan.world_size=8", "data.seq_len=32768",
+                                      "deepspeed=zero3_offload", *overrides])
+        return plan_from_config(cfg, world_size=8, gpu_gib=H200_GIB)
+
+    default = plan()
+    smaller = plan("+deepspeed.config.zero_optimization.stage3_max_live_parameters=2e8",
+                   "+deepspeed.config.zero_optimization.reduce_bucket_size=1e8")
+    gib = 2**30
+    assert default.weights_gib_per_gpu - smaller.weights_gib_per_gpu == pytest.approx(2 * 8e8 / gib)
+    assert default.optimizer_gib_per_gpu - smaller.optimizer_gib_per_gpu == pytest.approx(2 * 4e8 / gib)
