@@ -43,11 +43,8 @@ class TopKRelay:
         self.layer: int | None = None
         self.indices: torch.Tensor | None = None
 
-    def record(self, indexer: nn.Module, args, output: torch.Tensor) -> None:
-        self.layer, self.indices = indexer.layer_idx, output
-
     def recorder(self, layer: int):
-        """A forward hook that records an indexer's output as `layer`'s (for indexers without `layer_idx`)."""
+        """A forward hook that records an indexer's output as pattern position `layer`'s."""
         def record(indexer: nn.Module, args, output: torch.Tensor) -> None:
             self.layer, self.indices = layer, output
         return record
@@ -259,14 +256,13 @@ class DeepseekV32Adapter(DSAAdapter):
     def _connect(self, model, pattern, state):
         relay = TopKRelay()
         for source, served in pattern.groups.items():
-            indexer = self.indexer(model, source)
             if served:
-                state.hooks.append(indexer.register_forward_hook(relay.record))
+                state.hooks.append(self.indexer(model, source).register_forward_hook(relay.recorder(source)))
             for layer in served:
-                self.attention(model, layer).indexer = SharedTopK(relay, layer, source)
+                self.indexer_owner(model, layer).indexer = SharedTopK(relay, layer, source)
 
     def selection_module(self, model, layer):
-        return self.attention(model, layer).indexer
+        return self.indexer_owner(model, layer).indexer
 
     def selection_from_output(self, output):
         return output
@@ -502,19 +498,10 @@ class DeepseekV4Adapter(DSAAdapter):
             layers = "".join(layers[i] for i in indexed)
         return IndexCachePattern.parse(layers, self.num_layers(model))
 
-    def _connect(self, model, pattern, state):
-        relay = TopKRelay()
-        for source, served in pattern.groups.items():
-            if served:
-                state.hooks.append(self.indexer(model, source).register_forward_hook(relay.recorder(source)))
-            for layer in served:
-                self.indexer_owner(model, layer).indexer = SharedTopK(relay, layer, source)
-
-    def selection_module(self, model, layer):
-        return self.indexer_owner(model, layer).indexer
-
-    def selection_from_output(self, output):
-        return output
+    # S layers share through DeepseekV32Adapter's stand-ins, placed on each CSA layer's compressor
+    _connect = DeepseekV32Adapter._connect
+    selection_module = DeepseekV32Adapter.selection_module
+    selection_from_output = DeepseekV32Adapter.selection_from_output
 
     def indexer_projections(self, indexer, hidden_states, q_resid, position_ids):
         """As `DeepseekV4Indexer.forward` computes them without a cache: q [B, L, Hi, Di] at the query

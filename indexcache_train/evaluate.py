@@ -110,11 +110,11 @@ def sharing_stats(model, batches: Iterable[torch.Tensor], pattern: IndexCachePat
     # selection into its mask (glm5_next).
     with attention_taps(model, on_attention), capture_topk(model) as selections:
         for ids in tqdm(batches, desc="overlap and recall (all-F)"):
-            with contextlib.ExitStack() as stack:
-                if context_parallel is None:
+            sequence = contextlib.nullcontext() if context_parallel is None else context_parallel.activate(ids.shape[1])
+            with sequence as layout:
+                if layout is None:
                     model(input_ids=ids)
                 else:
-                    layout = stack.enter_context(context_parallel.activate(ids.shape[1]))
                     model(**layout.model_inputs(ids), use_cache=False)
                 for layer in sums:
                     shared = whole(selections[pattern.source_layer(layer)])
