@@ -9,8 +9,10 @@ through the transformer. During a single no-grad forward:
 2. as each layer of the group runs its attention, the attention tap hands its query and key states to the
    group's KL, which computes that layer's loss term and index gradients in one kernel pass; the teacher
    tensors are then free to go;
-3. the loss is the sum over F layers of their groups' mean KL, and its backward only scales the stored
-   gradients through each indexer's projections. DeepSpeed's `engine.backward` sees an ordinary loss.
+3. once the group's last layer has been added, the stored index gradients go back through the indexer's
+   projections (`finish_group`) and the group's state is freed, so one group's state is alive at a time;
+4. the loss is the sum over F layers of their groups' mean KL, and its backward only hands each indexer the
+   parameter gradients already computed, scaled. DeepSpeed's `engine.backward` sees an ordinary loss.
 
 Each F indexer's loss is the mean KL over its group, the layers it serves (the paper's multi-layer loss);
 `cross_layer=False` keeps its own layer's term only, the paper's "w/o cross-layer loss" ablation, with the

@@ -62,7 +62,8 @@ MLP_CHUNK_ROWS = 16384
 def _sparse_mla_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None,
                         **kwargs):
     """An `AttentionInterface` function: query [B, H, L, nope + rope], key the latent [B, 1, T, kv_lora + rope]
-    (see `_latent_attention_forward`), indices [B, L, k]. Returns ([B, L, H, v_head_dim], None) as the native ones do."""
+    (see `_latent_attention_forward`), indices [B, L, k]. Returns ([B, L, H, v_head_dim], None) as the native
+    ones do."""
     if indices is None:
         raise RuntimeError(f"{SPARSE_ATTENTION} attention needs the DSA top-k (indices=); layer {module.layer_idx} "
                            "passed none.")
