@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 
 from indexcache_train.kernels import sparse_mla_attention, sparse_mla_flops  # noqa: E402
 from indexcache_train.kernels.reference import sparse_mla_attention_reference  # noqa: E402
-from indexcache_train.kernels.sparse_mla import _sparse_mla_torch, _sparse_mla_triton  # noqa: E402
+from indexcache_train.kernels.sparse_mla import (  # noqa: E402
+    _sparse_mla_torch, _sparse_mla_triton, flashmla_available, flashmla_unsupported)
 
 CUDA = torch.cuda.is_available()
 PATHS = ["torch", "triton"]
@@ -241,6 +242,8 @@ def test_backend_choice_and_validation(monkeypatch):
     with pytest.raises(ValueError, match="forward-only"):
         sparse_mla_attention(q.to(TRITON_DEVICE).requires_grad_(), kv.to(TRITON_DEVICE), idx.to(TRITON_DEVICE),
                              scale, value_dim=8, backend="triton")
+    with pytest.raises(ValueError, match="backend='flashmla' cannot run this call"):
+        sparse_mla_attention(q, kv, idx, scale, value_dim=8, backend="flashmla")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         sparse_mla_attention(q, kv, idx, scale, value_dim=8, backend="triton")
@@ -274,16 +277,25 @@ GPU_CASES = {
 }
 
 
+def test_flashmla_takes_only_its_shapes():
+    q, kv, idx, _ = make_inputs(1, 4, 4, 2, 16, 3)
+    reason = flashmla_unsupported(q, idx, 8)
+    assert reason is not None and ("not installed" in reason if not flashmla_available() else "Hopper" in reason)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["triton", "flashmla"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_gpu_bf16(case):
+def test_gpu_bf16(case, backend):
     B, L, T, H, D, value_dim, K, query_start = GPU_CASES[case]
     q, kv, idx, scale = make_inputs(B, L, T, H, D, K, query_start=query_start, seed=1, dtype=torch.bfloat16,
                                     device="cuda", idx_dtype=torch.int32)
+    if backend == "flashmla" and flashmla_unsupported(q, idx, value_dim):
+        pytest.skip(flashmla_unsupported(q, idx, value_dim))
     with torch.no_grad():
         out, lse = sparse_mla_attention(q, kv, idx, scale, value_dim=value_dim, query_start=query_start,
-                                        return_lse=True)
+                                        backend=backend, return_lse=True)
         ref_out, ref_lse = _sparse_mla_torch(q.float(), kv.float(), idx, scale, value_dim, query_start)
     assert out.dtype == torch.bfloat16
     assert_matches(out, lse, ref_out, ref_lse, 1e-2)

@@ -43,16 +43,26 @@ loads, and Hopper has no TMA gather). With the keys L2-resident the kernel gains
 its own serial loop (gather, scores, softmax, layout exchange of p through shared memory, p @ V, one CTA per SM),
 not by the gathers' bandwidth; FlashMLA's producer warpgroup is what Triton does not give here.
 
+FlashMLA path. Where DeepSeek's FlashMLA is installed (`flash_mla`, built from github.com/deepseek-ai/FlashMLA)
+and the call is one its sparse prefill kernel takes (bf16, 64 or 128 heads, D = 512 + 64 or 512, value_dim 512,
+K a multiple of 128, a Hopper or Blackwell GPU), the default backend on CUDA is `flash_mla_sparse_fwd`: a
+warp-specialised kernel (a producer warpgroup gathers the next slot block while two consumers score and
+accumulate), which Triton cannot express on Hopper. FlashMLA drops -1 slots but applies no causal limit, so
+slots past a row's limit are set to -1 first; its log-sum-exp of a row with no valid slot is +inf, turned into
+-inf here. Otherwise the Triton kernel runs.
+
 The torch path gathers the selected keys for chunks of query rows
-(never an [L, T] tensor), computes in fp32 and is differentiable; the Triton path has no backward.
+(never an [L, T] tensor), computes in fp32 and is differentiable; the Triton and FlashMLA paths have no backward.
 """
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .indexer_kl import pick_backend
 from .common import LOG2E, interpreting, lastdim_contiguous
+from .indexer_kl import pick_backend
 
 
 # Elements per intermediate tensor of the torch path (a chunk's gathered keys).
@@ -261,6 +271,73 @@ def _sparse_mla_torch(q, kv, indices, scale, value_dim, query_start=0):
     return out, torch.cat(lses).view(B, L, H).float()
 
 
+# ------------------------------------------------------------------------------------------- FlashMLA ----
+BACKENDS = ("flashmla", "triton", "torch")
+FLASHMLA_HEADS = (64, 128)
+FLASHMLA_SLOT_MULTIPLE = 128  # its kernel walks the slots two blocks of 64 at a time, unchecked at the edge
+
+
+@functools.cache
+def flashmla_available() -> bool:
+    try:
+        import flash_mla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flashmla_unsupported(q, indices, value_dim) -> str | None:
+    """Why FlashMLA's sparse prefill cannot take this call, or None when it can."""
+    _, _, heads, dim = q.shape
+    if not flashmla_available():
+        return "flash_mla is not installed (build it from https://github.com/deepseek-ai/FlashMLA)"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] not in (9, 10):
+        return "FlashMLA's sparse prefill runs on Hopper (sm_90a) and Blackwell (sm_100) GPUs only"
+    if q.dtype != torch.bfloat16:
+        return f"FlashMLA takes bf16; got {q.dtype}"
+    if heads not in FLASHMLA_HEADS:
+        return f"FlashMLA takes {FLASHMLA_HEADS} heads; got {heads}"
+    if value_dim != 512 or dim not in (512, 576):
+        return f"FlashMLA takes value_dim 512 and D 512 or 576; got {value_dim} and {dim}"
+    if indices.shape[-1] % FLASHMLA_SLOT_MULTIPLE:
+        return f"FlashMLA takes K a multiple of {FLASHMLA_SLOT_MULTIPLE}; got {indices.shape[-1]}"
+    return None
+
+
+def _sparse_mla_flashmla(q, kv, indices, scale, value_dim, query_start=0):
+    """FlashMLA's sparse prefill, one batch row at a time (it takes no batch dimension); same outputs as the
+    Triton path."""
+    from flash_mla import flash_mla_sparse_fwd
+
+    B, L, H, _ = q.shape
+    T = kv.shape[1]
+    limit = (query_start + torch.arange(L, device=q.device)).clamp_max(T - 1)[:, None]
+    out = q.new_empty(B, L, H, value_dim)
+    lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        idx = indices[b]
+        slots = torch.where((idx >= 0) & (idx <= limit), idx, -1).to(torch.int32)
+        out[b], _, row_lse = flash_mla_sparse_fwd(lastdim_contiguous(q[b]), lastdim_contiguous(kv[b]).unsqueeze(1),
+                                                  slots.unsqueeze(1), float(scale), d_v=value_dim)
+        lse[b] = row_lse.masked_fill_(row_lse == float("inf"), float("-inf"))
+    return out, lse
+
+
+def _pick_attention_backend(q, indices, value_dim, backend: str | None) -> str:
+    if backend is None:
+        if q.device.type == "cuda" and flashmla_unsupported(q, indices, value_dim) is None:
+            return "flashmla"
+        return pick_backend(q.device)
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown sparse MLA backend {backend!r}; choose from {BACKENDS}.")
+    if backend == "flashmla":
+        reason = flashmla_unsupported(q, indices, value_dim)
+        if reason is not None:
+            raise ValueError(f"backend='flashmla' cannot run this call: {reason}. Use backend='triton'.")
+        return backend
+    return pick_backend(q.device, backend)
+
+
 # ------------------------------------------------------------------------------------------- dispatch ----
 def _check_inputs(q, kv, indices, value_dim, query_start) -> None:
     if q.dim() != 4 or kv.dim() != 3 or indices.dim() != 3:
@@ -295,19 +372,21 @@ def sparse_mla_attention(q, kv, indices, scale: float, *, value_dim: int, query_
     (and < T), so -1 padding AND entries past the causal limit are dropped (transformers pads short rows with
     indices > t). Returns out [B, L, H, value_dim] in q.dtype and, if return_lse, lse [B, L, H] fp32
     natural-log of sum_j exp(scale * q.kv) over valid slots (-inf for a row with no valid slot, whose output
-    is 0). backend: None -> "triton" on CUDA, "torch" on CPU; only the torch path has a backward.
+    is 0). backend: None -> "flashmla" on CUDA where it is installed and takes the call (`flashmla_unsupported`),
+    else "triton"; "torch" on CPU. Only the torch path has a backward.
     """
     _check_inputs(q, kv, indices, value_dim, query_start)
-    backend = pick_backend(q.device, backend)
+    backend = _pick_attention_backend(q, indices, value_dim, backend)
     B, L, H, _ = q.shape
     if B * L == 0 or indices.shape[-1] == 0:
         out = q.new_zeros(B, L, H, value_dim)
         lse = torch.full((B, L, H), float("-inf"), dtype=torch.float32, device=q.device)
-    elif backend == "triton":
+    elif backend in ("triton", "flashmla"):
         if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-            raise ValueError("The Triton sparse MLA kernel is forward-only: use backend='torch' for gradients "
+            raise ValueError(f"The {backend} sparse MLA kernel is forward-only: use backend='torch' for gradients "
                              "or call it under torch.no_grad().")
-        out, lse = _sparse_mla_triton(q, kv, indices, scale, value_dim, query_start)
+        launch = _sparse_mla_triton if backend == "triton" else _sparse_mla_flashmla
+        out, lse = launch(q, kv, indices, scale, value_dim, query_start)
     else:
         out, lse = _sparse_mla_torch(q, kv, indices, scale, value_dim, query_start)
     return (out, lse) if return_lse else out
