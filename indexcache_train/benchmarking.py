@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .files import write_text_atomically
+from .kernels.sparse_mla import flashmla_available
 from .runtime import run_environment
 
 GIB = 1024**3
@@ -97,6 +98,8 @@ def write_results(out: str | Path, name: str, rows: list[dict], table: str, **me
     out.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join(sys.argv)
     environment = run_environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # The sparse forward's default attention kernel on this machine (FlashMLA where installed).
+    environment["flash_mla_installed"] = flashmla_available()
     record = {"command": command, **environment, **meta, "rows": rows}
     write_text_atomically(out / f"{name}.json", json.dumps(record, indent=1) + "\n")
     write_text_atomically(out / f"{name}.md", f"Command: `{command}` ({environment['device']})\n\n{table}\n")

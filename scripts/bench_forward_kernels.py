@@ -3,7 +3,8 @@
 
   sparse MLA attention  `kernels.sparse_mla_attention`, absorbed form: H heads x (kv_lora + rope) queries
                         against one latent key per token, k selected keys per query; counted as
-                        2 H L k (kv_lora + rope + kv_lora) FLOPs. Baseline: SDPA (flash) dense causal
+                        2 H L k (kv_lora + rope + kv_lora) FLOPs. Our Triton kernel, and FlashMLA's sparse
+                        prefill beside it where `flash_mla` is installed. Baseline: SDPA (flash) dense causal
                         attention over the same heads in the expanded form (qk 192, v 128), which is what a
                         dense kernel would do instead.
   indexer selection     `kernels.indexer_logits` over the whole causal sequence in blocks of query rows,
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from indexcache_train.benchmarking import fmt_seconds, timed, write_results
 from indexcache_train.kernels import indexer_logits, indexer_topk, sparse_mla_attention
 from indexcache_train.kernels.indexer_topk import indexer_logits_flops
-from indexcache_train.kernels.sparse_mla import sparse_mla_flops
+from indexcache_train.kernels.sparse_mla import flashmla_unsupported, sparse_mla_flops
 
 HEADS, LORA, ROPE, NOPE, VALUE = 128, 512, 64, 128, 128  # DeepSeek-V3.2's MLA
 INDEX_HEADS, INDEX_DIM, TOPK = 64, 128, 2048
@@ -52,14 +53,19 @@ def bench_attention(length: int, repeats: int) -> dict:
     indices = causal_topk_indices(length, TOPK, device)
     scale = (NOPE + ROPE) ** -0.5
 
-    def ours():
+    def attention(backend):
         for start in range(0, length, BLOCK_ROWS):
             rows = slice(start, start + BLOCK_ROWS)
-            sparse_mla_attention(q[:, rows], kv, indices[:, rows], scale, value_dim=LORA, query_start=start)
+            sparse_mla_attention(q[:, rows], kv, indices[:, rows], scale, value_dim=LORA, query_start=start,
+                                 backend=backend)
 
-    result = {"sparse_mla": timed(ours, repeats=repeats)}
     flops = sparse_mla_flops(1, length, HEADS, LORA + ROPE, LORA, TOPK)
-    result["sparse_mla_tflops"] = flops / result["sparse_mla"]["seconds"] / 1e12
+    result = {}
+    backends = ["triton"] + (["flashmla"] if flashmla_unsupported(q, indices, LORA) is None else [])
+    for backend in backends:
+        key = "sparse_mla" if backend == "triton" else f"sparse_mla_{backend}"
+        result[key] = timed(lambda: attention(backend), repeats=repeats)
+        result[f"{key}_tflops"] = flops / result[key]["seconds"] / 1e12
     return result
 
 
@@ -124,13 +130,15 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     lines = [f"bf16 matmul ceiling (8192^3): {ceiling:.0f} TFLOP/s", "",
-             "| L | sparse MLA attention | TFLOP/s | vs matmul | SDPA dense causal | indexer logits | TFLOP/s "
-             "| vs matmul | logits + top-k | native scoring (scaled) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| L | sparse MLA, Triton | TFLOP/s | vs matmul | sparse MLA, FlashMLA | TFLOP/s | SDPA dense causal "
+             "| indexer logits | TFLOP/s | vs matmul | logits + top-k | native scoring (scaled) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         native = f"{r['native_scaled_s']:.2f} s" if "native_scaled_s" in r else "OOM"
+        flashmla = (f"{fmt_seconds(r['sparse_mla_flashmla'])} | {r['sparse_mla_flashmla_tflops']:.0f}"
+                    if "sparse_mla_flashmla" in r else "not installed | ")
         lines.append(f"| {r['length'] // 1024}K | {fmt_seconds(r['sparse_mla'])} | {r['sparse_mla_tflops']:.0f} "
-                     f"| {r['sparse_mla_tflops'] / ceiling:.0%} | {fmt_seconds(r['sdpa_dense'])} "
+                     f"| {r['sparse_mla_tflops'] / ceiling:.0%} | {flashmla} | {fmt_seconds(r['sdpa_dense'])} "
                      f"| {fmt_seconds(r['logits'])} | {r['logits_tflops']:.0f} | {r['logits_tflops'] / ceiling:.0%} "
                      f"| {fmt_seconds(r['topk'])} | {native} |")
     markdown = "\n".join(lines)
