@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
             "environment": run_environment(args.device),
             "model": {"path": args.model, "architecture": type(model).__name__, "num_layers": num_layers,
                       "decoder_layers": config.num_hidden_layers, "index_topk": config.index_topk,
-                      "parameters": num_params},
+                      "parameters": num_params, **model_recipe(args.model)},
             "data": {"seq_len": seq_len, "validation_sequences": sum(b.shape[0] for b in val_batches),
                      "calibration_sequences": sum(b.shape[0] for b in calib_batches),
                      "train_sequences": len(train_data), "tokens_per_distill_step": args.batch_size * seq_len},
@@ -307,7 +307,7 @@ Model `{model['path']}` ({model.get('architecture', 'GlmMoeDsaForCausalLM')}, {l
 ```
 {summary['command']}
 ```
-
+{recipe_text(model)}
 ## Our table (measured)
 Validation: {data['validation_sequences']} sequences of {data['seq_len']} tokens from the standard library's
 held-out files; LM loss in nats per token (lower is better). Greedy search calibrated on
@@ -328,6 +328,26 @@ The paper's orderings on these figures:
 ## Reference
 {PAPER_REFERENCE}
 All our figures, per layer too, with the search steps and the distillation curves: the JSON next to this file.
+"""
+
+
+def model_recipe(path: str) -> dict:
+    """The commands that made the model, from the pretrain.json `scripts/pretrain_tiny.py` writes beside it."""
+    recipe = Path(path) / "pretrain.json"
+    if not recipe.is_file():
+        return {}
+    summary = json.loads(recipe.read_text())
+    return {"pretrain_command": summary["command"], "pretrain_rerun_command": summary["rerun_command"]}
+
+
+def recipe_text(model: dict) -> str:
+    if "pretrain_command" not in model:
+        return ""
+    return f"""The model was made by (the same steps, without the timing that planned them, on the second line):
+```
+{model['pretrain_command']}
+{model['pretrain_rerun_command']}
+```
 """
 
 
