@@ -96,9 +96,12 @@ class DSAAdapter:
     mla: bool = True
 
     # ----------------------------------------------------------------------------------------- structure
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The text model: the module holding `embed_tokens`, the decoder `layers` and the final `norm`."""
+        return getattr(model, "model", model)
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        inner = getattr(model, "model", model)
-        return inner.layers
+        return self.decoder(model).layers
 
     def attention(self, model: nn.Module, layer: int) -> nn.Module:
         return self.layers(model)[layer].self_attn
@@ -307,9 +310,9 @@ class Glm5NextAdapter(DSAAdapter):
     def text_config(self, model: nn.Module):
         return getattr(model.config, "text_config", model.config)
 
-    def layers(self, model):
+    def decoder(self, model):
         inner = getattr(model, "model", model)
-        return getattr(inner, "language_model", inner).layers
+        return getattr(inner, "language_model", inner)
 
     def config_num_layers(self, config):
         text = getattr(config, "text_config", None) or config

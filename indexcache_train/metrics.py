@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
-from .capture import AttentionCall, attention_taps, dense_attention_probs
+from .capture import AttentionCall, attention_taps, capture_topk, dense_attention_probs
 from .context_parallel import ContextParallel, SequenceLayout
 
 
@@ -107,13 +107,22 @@ def layer_recalls(model, batches: Iterable[torch.Tensor]) -> list[float]:
     topk, num_layers = first_choosing_row(model), get_adapter(model).num_layers(model)
     sums = torch.zeros(num_layers, dtype=torch.float64)
     rows = 0
+    pending: dict[int, torch.Tensor] = {}  # layer -> probabilities waiting for the selection
+
+    def add(layer: int, probs: torch.Tensor, selection: torch.Tensor) -> None:
+        sums[layer] += attention_recall(probs, selection)[:, topk:].sum().double().cpu()
 
     def on_attention(call: AttentionCall) -> None:
-        recall = attention_recall(dense_attention_probs(call), call.topk_indices)[:, topk:]
-        sums[call.layer] += recall.sum().double().cpu()
+        if call.topk_indices is None:  # folded into the mask (glm5_next): `capture_topk` has it after the layer
+            pending[call.layer] = dense_attention_probs(call)
+        else:
+            add(call.layer, dense_attention_probs(call), call.topk_indices)
 
-    with attention_taps(model, on_attention):
+    with attention_taps(model, on_attention), capture_topk(model) as selections:
         for ids in tqdm(batches, desc="attention-mass recall"):
             model(input_ids=ids, use_cache=False)
+            for layer, probs in pending.items():
+                add(layer, probs, selections[layer])
+            pending.clear()
             rows += ids.shape[0] * (ids.shape[1] - topk)
     return (sums / rows).tolist()

@@ -40,7 +40,7 @@ from .capture import capture_topk
 from .context_parallel import ContextParallel, SequenceLayout
 from .files import write_text_atomically
 from .metrics import lm_loss, sharded_nll
-from .modeling import check_seq_len
+from .modeling import check_seq_len, text_config
 from .pattern import PAPER_OFFSET, IndexCachePattern
 from .runtime import rank
 from .sparse_forward import SPARSE_ATTENTION, uses_sparse_forward
@@ -52,7 +52,7 @@ class StackInputs:
     """What the model's forward builds once before its decoder layers, as it builds it."""
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict | None
     attention_mask: torch.Tensor
 
 
@@ -84,7 +84,7 @@ class DecoderStack:
         self.model = model
         self.context_parallel = context_parallel
         self.adapter = get_adapter(model)
-        self.decoder = model.model
+        self.decoder = self.adapter.decoder(model)
         self.num_layers = self.adapter.num_layers(model)
         layers = self.adapter.layers(model)
         index = {id(layer.self_attn): i for i, layer in enumerate(layers)}
@@ -93,8 +93,10 @@ class DecoderStack:
         self.starts = [0] + pattern_layers[1:] + [len(layers)]
         # GlmMoeDsa hands each layer's top-k to the next as an argument; DeepseekV32's S layers read a relay.
         self.passes_topk = "prev_topk_indices" in inspect.signature(layers[0].forward).parameters
-        # DeepSeek-V4 keeps hc_mult residual streams (mHC), collapsed by `hc_head` before the final norm.
+        # DeepSeek-V4 and Glm5Next keep hc_mult residual streams (mHC), collapsed by `hc_head` before the norm.
         self.hyper_connections = getattr(self.decoder, "hc_head", None) is not None
+        # Glm5Next is NoPE: its forward builds no rotary embeddings and no causal mask (see `inputs`).
+        self.rotary = getattr(self.decoder, "rotary_emb", None)
         self.layer_forwards = 0
 
     @torch.no_grad()
@@ -104,7 +106,7 @@ class DecoderStack:
             input_ids = SequenceLayout(seq_len, self.context_parallel.group).shard(input_ids)
         hidden = self.decoder.embed_tokens(input_ids)
         if self.hyper_connections:
-            hidden = hidden.unsqueeze(2).expand(-1, -1, self.model.config.hc_mult, -1).contiguous()
+            hidden = hidden.unsqueeze(2).expand(-1, -1, text_config(self.model.config).hc_mult, -1).contiguous()
         return LayerState(0, hidden, input_ids=input_ids, seq_len=seq_len)
 
     def sequence(self, seq_len: int):
@@ -121,6 +123,11 @@ class DecoderStack:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         else:
             position_ids = layout.positions(hidden.device).unsqueeze(0)
+        if self.rotary is None:
+            # Glm5NextTextModel.forward hands every layer the [B, L] padding mask, all True without padding
+            # (causality is the layers' own), and position_embeddings=None.
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            return StackInputs(position_ids, None, mask)
         if self.hyper_connections:
             embeds = hidden[:, :, 0]
             mask = create_sliding_window_causal_mask(config=self.model.config, inputs_embeds=embeds,
@@ -167,7 +174,7 @@ class DecoderStack:
                 total = sharded_nll(logits, labels, layout, self.context_parallel)
             return total / labels[:, 1:].numel()
         return self.model.loss_function(logits=logits, labels=labels,
-                                        vocab_size=self.model.config.vocab_size).float().item()
+                                        vocab_size=text_config(self.model.config).vocab_size).float().item()
 
     def _share_into(self, layer: int, prev_topk: torch.Tensor | None) -> None:
         """A forward that starts at an S layer of DeepseekV32 or DeepSeek-V4 never ran its F layer: seed the

@@ -3,7 +3,10 @@
 
 The model is transformers' own `GlmMoeDsaForCausalLM` (~7.3M parameters, dense MLPs, 8 layers, an 8 x 64
 indexer per layer, `index_topk` 128, context 2048), trained from scratch in three phases that follow
-DeepSeek-V3.2's recipe for converting a dense model to DSA:
+DeepSeek-V3.2's recipe for converting a dense model to DSA. `--family glm5_next` pretrains a tiny GLM-5.3-Flash
+(`Glm5NextForConditionalGeneration`, text only) the same way instead: 8 decoder layers, of which 3 and 7 are
+indexed attention with a pooled indexer and the rest KDA linear attention, context 256 and `index_topk` 32 (8
+pools of 4) by default; the phases' indexers are those of the indexed layers.
 
   a. pretrain   LM loss with dense attention: every indexer selects every key (top-k = context) for the
                 phase, then top-k 128 is restored. AdamW, linear warm-up then cosine, bf16 autocast on GPU.
@@ -33,9 +36,11 @@ evaluations becomes a step count per phase (70/20/10%). The counts are printed a
     python scripts/pretrain_tiny.py --out outputs/pretrain_tiny --device cuda            # ~9 minutes, one H200
     python scripts/pretrain_tiny.py --out /tmp/p --model-size micro --context 128 --index-topk 16 \
         --max-steps-per-phase 24 --device cpu                                          # a smoke run
+    python scripts/pretrain_tiny.py --family glm5_next --out /work/g5tiny --device cpu --minutes 12
 
 Outputs in `--out`: model.safetensors (bf16) and config.json, the tokenizer, pretrain.json (every phase's
-figures) and README.md (the model card). Plain `AutoModelForCausalLM.from_pretrained(out)` loads it. The
+figures) and README.md (the model card). Plain `AutoModelForCausalLM.from_pretrained(out)` loads it
+(`Glm5NextForConditionalGeneration.from_pretrained(out)` for glm5_next). The
 package's embedded default model (`indexcache_train/embedded_model/`) is one such folder; `--rescore`
 re-scores a folder's saved weights with this checkout's evaluation and adds the figures to its card.
 """
@@ -56,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer, Glm5NextConfig
 
 from indexcache_train.adapters import get_adapter
 from indexcache_train.benchmarking import synchronize
@@ -64,7 +69,8 @@ from indexcache_train.data import build_dataloader, load_packed
 from indexcache_train.distill import IndexerDistillation
 from indexcache_train.files import write_text_atomically
 from indexcache_train.metrics import layer_recalls, lm_loss
-from indexcache_train.modeling import byte_tokenizer, tiny_config
+from indexcache_train.modeling import TINY_VISION, byte_tokenizer, load_config, model_class, model_from_config, \
+    text_config, tiny_config
 from indexcache_train.optim import warmup_cosine
 from indexcache_train.runtime import resolve_device, run_environment, seed_everything
 
@@ -79,26 +85,60 @@ MODEL_SIZES = {
                   num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
                   qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16),
 }
+# GLM-5.3-Flash's text model scaled down: NoPE MLA with a pooled indexer on layers 3 and 7, KDA linear attention
+# on the rest, 2 hyper-connection streams, dense MLPs. One linear-attention head: on a CPU transformers' KDA
+# falls back to a chunked PyTorch reference whose time grows with the heads and takes most of a step (2 heads
+# of 16 took 2.2 s a step of 8 x 256 tokens, 1 head 1.5 s), and narrow linear layers leave the long-range
+# work to the indexed ones, whose selection is what this model is for.
+GLM5_NEXT_SIZES = {
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, v_head_dim=32,
+                  index_n_heads=4, index_head_dim=32, index_kpool=4, linear_num_heads=1, linear_head_dim=16,
+                  hc_mult=2, hc_sinkhorn_iters=2),
+    "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=2,
+                  num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, v_head_dim=16,
+                  index_n_heads=2, index_head_dim=16, index_kpool=4, linear_num_heads=2, linear_head_dim=8,
+                  hc_mult=2, hc_sinkhorn_iters=2),
+}
+FAMILIES = {"glm_moe_dsa": MODEL_SIZES, "glm5_next": GLM5_NEXT_SIZES}
+# Unset options take the family's value: the embedded model's recipe, or a context that a CPU trains in minutes
+# (still 8 times index_topk, so the selection drops most pools).
+FAMILY_DEFAULTS = {"glm_moe_dsa": dict(context=2048, index_topk=128, batch_size=16),
+                   "glm5_next": dict(context=256, index_topk=32, batch_size=8)}
 MIN_LR_RATIO = 0.1
 GRAD_CLIP = 1.0
 SAVE_RESERVE_S = 15  # saving and the model card, after the last evaluation
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def build_model(size: str, context: int, index_topk: int, vocab_size: int, eos_id: int, seed: int) -> nn.Module:
+def build_model(family: str, size: str, context: int, index_topk: int, vocab_size: int, eos_id: int,
+                seed: int) -> nn.Module:
     seed_everything(seed)
-    dims = MODEL_SIZES[size]
-    config = tiny_config(
-        "glm_moe_dsa", **dims, vocab_size=vocab_size, max_position_embeddings=context, index_topk=index_topk,
-        first_k_dense_replace=dims["num_hidden_layers"],  # dense MLPs in every layer, no MoE
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    dims = FAMILIES[family][size]
+    if family == "glm5_next":
+        text = dict(**dims, vocab_size=vocab_size, max_position_embeddings=context, index_topk=index_topk,
+                    mlp_layer_types=["dense"] * dims["num_hidden_layers"], bos_token_id=eos_id,
+                    eos_token_id=eos_id, pad_token_id=None)
+        # The vision tower is never run (text only): the smallest its config takes, projection included.
+        vision = {**TINY_VISION, "out_hidden_size": dims["hidden_size"], "projection_intermediate_size": 16}
+        config = Glm5NextConfig(text_config=text, vision_config=vision)
+    else:
+        config = tiny_config(
+            "glm_moe_dsa", **dims, vocab_size=vocab_size, max_position_embeddings=context, index_topk=index_topk,
+            first_k_dense_replace=dims["num_hidden_layers"],  # dense MLPs in every layer, no MoE
+            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None,
+        )
+    return model_from_config(config, attn_implementation="sdpa")
+
+
+def num_indexed(model: nn.Module) -> int:
+    """Layers that own an indexer (every decoder layer of GlmMoeDsa, the indexed ones of Glm5Next)."""
+    return get_adapter(model).num_layers(model)
 
 
 def all_full(model: nn.Module) -> str:
     """The pattern where every indexer serves exactly its own layer: plain DSA."""
-    return "F" * model.config.num_hidden_layers
+    return "F" * num_indexed(model)
 
 
 def indexers(model: nn.Module) -> list[nn.Module]:
@@ -121,7 +161,7 @@ def dense_attention(model: nn.Module):
     """Within the block every indexer keeps every key (top-k = context), so the attention is dense."""
     saved = [indexer.index_topk for indexer in indexers(model)]
     for indexer in indexers(model):
-        indexer.index_topk = model.config.max_position_embeddings
+        indexer.index_topk = text_config(model.config).max_position_embeddings
     try:
         yield
     finally:
@@ -166,7 +206,7 @@ def indexer_step(model: nn.Module, steps: int, lr: float, stage: str) -> Step:
     params = indexer_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = schedule(optimizer, steps)
-    num_layers = model.config.num_hidden_layers
+    num_layers = num_indexed(model)
 
     def step(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         loss, _ = distillation(input_ids)  # the sum over layers of each indexer's mean KL
@@ -217,7 +257,7 @@ PHASES = [
 def indexer_kl(model: nn.Module, batches: list[torch.Tensor], stage: str) -> list[float]:
     """Per layer: the mean KL of its indexer to its own layer's attention, dense or over its top-k."""
     distillation = IndexerDistillation(model, all_full(model), stage=stage, recall_rows=0)
-    sums = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    sums = torch.zeros(num_indexed(model), dtype=torch.float64)
     sequences = 0
     with torch.no_grad():
         for ids in batches:  # each batch's KL is a mean over its sequences: weigh it by their number
@@ -229,7 +269,7 @@ def indexer_kl(model: nn.Module, batches: list[torch.Tensor], stage: str) -> lis
 
 
 def validate(model: nn.Module, batches: list[torch.Tensor]) -> dict:
-    topk = model.config.index_topk
+    topk = text_config(model.config).index_topk
     with dense_attention(model):
         loss_dense = lm_loss(model, batches, "val LM loss (dense)")
         kl_dense = indexer_kl(model, batches, "dense")
@@ -315,10 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Data: {len(train)} training and {len(validation)} validation sequences of {args.context} bytes "
           "(the standard library's .py files, split by file).")
 
-    model = build_model(args.model_size, args.context, args.index_topk, len(tokenizer), tokenizer.eos_token_id,
-                        args.seed).to(args.device)
+    model = build_model(args.family, args.model_size, args.context, args.index_topk, len(tokenizer),
+                        tokenizer.eos_token_id, args.seed).to(args.device)
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"Model: GlmMoeDsaForCausalLM, {num_params / 1e6:.2f}M parameters "
+    print(f"Model: {type(model).__name__}, {num_params / 1e6:.2f}M parameters "
           f"({sum(p.numel() for p in indexer_parameters(model)) / 1e6:.2f}M in the indexers), "
           f"index_topk {args.index_topk}, context {args.context}.")
 
@@ -355,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
         "environment": run_environment(args.device),
         "model": {"parameters": num_params, "indexer_parameters": sum(p.numel() for p in indexer_parameters(model)),
-                  "size": args.model_size, **MODEL_SIZES[args.model_size], "index_topk": args.index_topk,
+                  "size": args.model_size, **FAMILIES[args.family][args.model_size], "index_topk": args.index_topk,
                   "context": args.context},
         # Epochs: a sparse-stage step reads its batch twice (LM and KL) but counts once.
         "data": {"train_sequences": len(train), "validation_sequences": len(validation),
@@ -388,7 +428,7 @@ def rescore(out: Path, args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"No pretrain.json in {out}: --rescore needs a folder that this recipe wrote.")
     summary = json.loads(summary_path.read_text())
     args.context = summary["model"]["context"]
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="sdpa")
+    model = model_class(load_config(str(out))).from_pretrained(out, dtype=torch.float32, attn_implementation="sdpa")
     model.to(args.device).eval()
     validation, val_batches = validation_batches(AutoTokenizer.from_pretrained(out), args)
     summary["rescored"] = {"command": _command(["scripts/pretrain_tiny.py", *sys.argv[1:]]),
@@ -411,10 +451,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, nargs=3, metavar=("PRETRAIN", "WARMUP", "SPARSE"),
                         help="exact steps per phase instead of the budget's plan (reruns a recorded plan)")
     parser.add_argument("--max-steps-per-phase", type=int, help="cap on the planned steps of each phase")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="glm_moe_dsa",
+                        help="glm_moe_dsa (GlmMoeDsaForCausalLM, the embedded model) or glm5_next (GLM-5.3-Flash)")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--index-topk", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--context", type=int, help="default: 2048 (glm_moe_dsa), 256 (glm5_next)")
+    parser.add_argument("--index-topk", type=int, help="default: 128 (glm_moe_dsa), 32 (glm5_next)")
+    parser.add_argument("--batch-size", type=int, help="default: 16 (glm_moe_dsa), 8 (glm5_next)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak LR of the pretraining")
     parser.add_argument("--warmup-lr", type=float, default=1e-3, help="peak LR of the indexer warm-up (DeepSeek's)")
     parser.add_argument("--sparse-lr", type=float, default=1e-4, help="peak LR of the sparse stage, both losses")
@@ -423,6 +465,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-records", type=int, help="keep only the first training files (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for option, value in FAMILY_DEFAULTS[args.family].items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
     if args.index_topk >= args.context:
         parser.error(f"--index-topk ({args.index_topk}) must be below --context ({args.context}), "
                      "otherwise DSA selects every key.")
@@ -461,6 +506,8 @@ def model_card(summary: dict) -> str:
               f"{f['kl_sparse']:.4f} | {f['topk_recall']:.3f} |" for name, how, f in rows]
     final = figures[PHASES[-1].name]["validation"]
     recall = " ".join(f"{r:.3f}" for r in final["per_layer"]["topk_recall"])
+    if summary["args"].get("family") == "glm5_next":
+        return _glm5_next_card(summary, table, recall)
     env = summary["environment"]
     layers = (f"hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, {model['num_attention_heads']} "
               f"MLA heads (q/kv LoRA ranks {model['q_lora_rank']}/{model['kv_lora_rank']}, qk head "
@@ -489,7 +536,45 @@ tokenizer = AutoTokenizer.from_pretrained(path)           # byte-level: 256 byte
 - {layers};
 - in every layer an indexer of {indexer}: all layers are F;
 - context {model['context']} bytes.
+{_card_rest(summary, table, recall)}"""
 
+
+def _glm5_next_card(summary: dict, table: list[str], recall: str) -> str:
+    model, env = summary["model"], summary["environment"]
+    indexed = [i for i in range(model["num_hidden_layers"]) if i % 4 == 3]  # Glm5NextTextConfig's default layout
+    return f"""---
+library_name: transformers
+tags: [glm5_next, deepseek-sparse-attention, indexcache, tiny]
+---
+# Tiny GLM-5.3-Flash (Glm5Next) on the Python standard library
+
+A {model['parameters'] / 1e6:.2f}M-parameter `Glm5NextForConditionalGeneration`, text only, pretrained from scratch
+in {summary['wall_seconds'] / 60:.1f} minutes on {env['device']}, for `indexcache_train`'s miniature
+comparisons on this family. Decoder layers {indexed} are indexed attention: a pooled DSA indexer ranks
+pools of {model['index_kpool']} keys and keeps the top-{model['index_topk']} keys' worth (plus the visible tail);
+the other layers are KDA linear attention.
+
+```python
+from transformers import AutoTokenizer, Glm5NextForConditionalGeneration
+model = Glm5NextForConditionalGeneration.from_pretrained(path)   # bf16 weights; dtype=torch.float32 on a CPU
+tokenizer = AutoTokenizer.from_pretrained(path)                  # byte-level: 256 bytes + <eos>
+```
+
+## Model
+- hidden {model['hidden_size']}, {model['num_hidden_layers']} decoder layers, {model['hc_mult']} hyper-connection
+  streams, dense MLPs of {model['intermediate_size']};
+- indexed layers: NoPE MLA, {model['num_attention_heads']} heads (q/kv LoRA ranks
+  {model['q_lora_rank']}/{model['kv_lora_rank']}, qk head {model['qk_nope_head_dim']}, v head {model['v_head_dim']}),
+  an indexer of {model['index_n_heads']} heads x {model['index_head_dim']}
+  ({model['indexer_parameters'] / 1e6:.2f}M parameters in all), all F;
+- linear layers: KDA, {model['linear_num_heads']} heads of {model['linear_head_dim']};
+- context {model['context']} bytes; the vision tower is the smallest the config takes and was never trained.
+{_card_rest(summary, table, recall)}"""
+
+
+def _card_rest(summary: dict, table: list[str], recall: str) -> str:
+    model, env = summary["model"], summary["environment"]
+    return f"""
 ## Data
 The `.py` sources of the Python {env['python']} standard library, read from the interpreter at training time
 (`indexcache_train.data.stdlib_corpus`): {summary['data']['train_sequences']} training sequences, split by

@@ -37,6 +37,10 @@ model's indexers by nothing in a few hundred steps).
 
     python scripts/reproduce_table.py --out outputs/reproduce/table --device cuda   # the embedded model, ~6.5 min
     python scripts/reproduce_table.py --model outputs/pretrain_tiny --out ...       # a fresh pretrain_tiny.py run
+    python scripts/reproduce_table.py --model /work/g5tiny --ratios 0.5 --out ...   # pretrain_tiny.py --family glm5_next
+
+On GLM-5.3-Flash (glm5_next) the pattern runs over the indexed layers, and the model runs on transformers'
+native attention (the sparse forward does not cover its pooled indexer).
 
 Writes `OUT.json` (every figure, per layer too, the search steps and the training curves) and `OUT.md` (the
 table, the exact command, and the paper's figures next to it, labelled as quoted).
@@ -57,16 +61,17 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from indexcache_train.adapters import apply_indexcache, get_adapter
+from indexcache_train.adapters import ADAPTERS, apply_indexcache, get_adapter
 from indexcache_train.config import EMBEDDED_MODEL_DIR, compose_config
 from indexcache_train.data import build_dataloader, load_packed
 from indexcache_train.distill import IndexerDistillation
 from indexcache_train.engine import build_engine, train_step
 from indexcache_train.metrics import layer_recalls, lm_loss
-from indexcache_train.modeling import check_seq_len, load_model
+from indexcache_train.modeling import check_seq_len, load_config, load_model, text_config
 from indexcache_train.pattern import IndexCachePattern
 from indexcache_train.pattern_search import greedy_search
 from indexcache_train.runtime import init_distributed, resolve_device, run_environment, seed_everything
+from indexcache_train.sparse_forward import SPARSE_ATTENTION
 
 ROWS = {
     "a": "all-F",
@@ -168,7 +173,10 @@ def distilled_row(args, pattern: IndexCachePattern, cross_layer: bool, train_dat
 
 # ------------------------------------------------------------------------------------------------ the run
 def fresh_model(args: argparse.Namespace) -> nn.Module:
-    model = load_model(args.model, dtype=args.dtype).to(args.device)
+    config = load_config(args.model)
+    adapter = ADAPTERS[config.model_type]  # load_config has checked it is a DSA model
+    attention = SPARSE_ATTENTION if adapter.on_sparse_forward else adapter.native_attention
+    model = load_model(args.model, dtype=args.dtype, attn_implementation=attention, config=config).to(args.device)
     return model.eval()
 
 
@@ -189,11 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = fresh_model(args)
-    config = model.config
+    config = text_config(model.config)
     num_layers = get_adapter(model).num_layers(model)
     num_params = sum(p.numel() for p in model.parameters())  # before a pattern takes S indexers off the tree
     seq_len = args.seq_len or config.max_position_embeddings
-    check_seq_len(config, seq_len)
+    check_seq_len(model.config, seq_len)
 
     validation = load_packed(seq_len=seq_len, tokenizer=tokenizer, split="validation")
     val_batches = [b["input_ids"].to(args.device) for b in islice(
@@ -241,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
             "command": command(argv),
             "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
             "environment": run_environment(args.device),
-            "model": {"path": args.model, "num_layers": num_layers, "index_topk": config.index_topk,
-                      "parameters": num_params},
+            "model": {"path": args.model, "architecture": type(model).__name__, "num_layers": num_layers,
+                      "decoder_layers": config.num_hidden_layers, "index_topk": config.index_topk,
+                      "parameters": num_params, **model_recipe(args.model)},
             "data": {"seq_len": seq_len, "validation_sequences": sum(b.shape[0] for b in val_batches),
                      "calibration_sequences": sum(b.shape[0] for b in calib_batches),
                      "train_sequences": len(train_data), "tokens_per_distill_step": args.batch_size * seq_len},
@@ -290,7 +299,7 @@ def markdown(summary: dict) -> str:
     args = summary["args"]
     return f"""# IndexCache in miniature: our measurements
 
-Model `{model['path']}` ({model['num_layers']} layers, index_topk {model['index_topk']},
+Model `{model['path']}` ({model.get('architecture', 'GlmMoeDsaForCausalLM')}, {layers_text(model)}, index_topk {model['index_topk']},
 {model['parameters'] / 1e6:.2f}M parameters), {env['device']}, torch {env['torch']}, transformers
 {env['transformers']}; {summary['wall_seconds'] / 60:.1f} minutes{'' if summary['complete'] else
 ' (INCOMPLETE: the run stopped before its last ratio)'}.
@@ -298,7 +307,7 @@ Model `{model['path']}` ({model['num_layers']} layers, index_topk {model['index_
 ```
 {summary['command']}
 ```
-
+{recipe_text(model)}
 ## Our table (measured)
 Validation: {data['validation_sequences']} sequences of {data['seq_len']} tokens from the standard library's
 held-out files; LM loss in nats per token (lower is better). Greedy search calibrated on
@@ -320,6 +329,34 @@ The paper's orderings on these figures:
 {PAPER_REFERENCE}
 All our figures, per layer too, with the search steps and the distillation curves: the JSON next to this file.
 """
+
+
+def model_recipe(path: str) -> dict:
+    """The commands that made the model, from the pretrain.json `scripts/pretrain_tiny.py` writes beside it."""
+    recipe = Path(path) / "pretrain.json"
+    if not recipe.is_file():
+        return {}
+    summary = json.loads(recipe.read_text())
+    return {"pretrain_command": summary["command"], "pretrain_rerun_command": summary["rerun_command"]}
+
+
+def recipe_text(model: dict) -> str:
+    if "pretrain_command" not in model:
+        return ""
+    return f"""The model was made by (the same steps, without the timing that planned them, on the second line):
+```
+{model['pretrain_command']}
+{model['pretrain_rerun_command']}
+```
+"""
+
+
+def layers_text(model: dict) -> str:
+    """The pattern's length, and the decoder layers where the pattern covers only some (glm5_next)."""
+    decoder = model.get("decoder_layers", model["num_layers"])
+    if decoder == model["num_layers"]:
+        return f"{decoder} layers"
+    return f"{decoder} decoder layers, of which {model['num_layers']} own an indexer and carry the pattern"
 
 
 def command(argv: list[str] | None) -> str:

@@ -326,3 +326,51 @@ def test_analyze_layer_pairs_over_the_indexed_layers(ids):
     assert pairs.index_overlap.diagonal() == pytest.approx(1.0)
     assert ((pairs.attention_recall > 0) & (pairs.attention_recall <= 1 + 1e-6)).all()
     assert (pairs.index_overlap < 1).any()
+
+
+def test_prefix_cached_search_loss_equals_a_full_forward(ids):
+    """The search's decoder stack (the text model's hyper-connection streams, NoPE, the [B, L] padding mask)
+    gives the loss of a full forward, forking at each candidate indexed layer, also where the candidate's top-k
+    comes from an F layer across linear layers and S layers already in the pattern."""
+    from indexcache_train.pattern import IndexCachePattern
+    from indexcache_train.pattern_search import DecoderStack, score_candidates
+
+    model = build(num_hidden_layers=16, initializer_range=0.5)
+    batches = [ids[:1], ids[1:]]
+    stack = DecoderStack(model)
+    assert stack.starts == [0, 7, 11, 15, 16]  # position j starts at its indexed layer (position 0 at layer 0)
+    for pattern, candidates in (("FFFF", [1, 2, 3]), ("FSFF", [2, 3])):
+        pattern = IndexCachePattern.parse(pattern)
+        losses, _ = score_candidates(stack, batches, pattern, candidates, [stack.embed(b) for b in batches], "")
+        for layer in candidates:
+            apply_indexcache(model, pattern.with_shared(layer))
+            with torch.no_grad():
+                full = sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
+            assert losses[layer] == pytest.approx(full, rel=0, abs=1e-6), (str(pattern), layer)
+        assert len({round(loss, 6) for loss in losses.values()}) == len(losses)  # the candidates differ
+
+
+def test_search_cli_on_a_tiny_glm5_next(tmp_path):
+    """`indexcache-search model=tiny_glm5_next` with 16 decoder layers (4 indexed): greedy to 1/4, a valid
+    pattern over the indexed layers, nested read-offs, and each step keeps its cheapest candidate."""
+    import json
+    import math
+
+    from indexcache_train import search
+    from indexcache_train.config import compose_config
+    from indexcache_train.pattern import IndexCachePattern
+
+    cfg = compose_config("search", ["model=tiny_glm5_next", "model.random_init.num_hidden_layers=16",
+                                    "data.seq_len=64", "data.batch_size=2", "data.max_records=20", "num_batches=2",
+                                    "search.ratio=0.25", "search.reference_freqs=[2,4]", "device=cpu",
+                                    f"output_dir={tmp_path}"])
+    search.run(cfg)
+    record = json.loads((tmp_path / "search.json").read_text())
+    assert record["done"] and record["num_layers"] == 4 and len(record["steps"]) == 3
+    final = IndexCachePattern.parse(record["final"]["pattern"], 4)  # raises unless valid for 4 positions
+    assert final.layers == record["steps"][-1]["pattern"] and final.full_layers == [0]
+    for step in record["steps"]:
+        assert step["loss"] == min(step["candidates"].values())
+        assert all(math.isfinite(loss) for loss in step["candidates"].values())
+    assert {s["freq"]: s["num_full"] for s in record["searched"]} == {2: 2, 4: 1}
+    assert math.isfinite(record["all_full_loss"]) and (tmp_path / "search.png").is_file()

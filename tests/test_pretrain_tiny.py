@@ -126,3 +126,24 @@ def test_rescore_reproduces_the_last_row_from_the_saved_files(recipe, pretrained
 def test_rescore_needs_a_recipe_folder(recipe, tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrain.json"):
         recipe.main(["--out", str(tmp_path), "--rescore", "--device", "cpu"])
+
+
+def test_glm5_next_family_pretrains_its_indexed_layers(recipe, tmp_path):
+    """`--family glm5_next` at micro scale: a Glm5NextForConditionalGeneration folder, figures per indexed layer
+    (3 and 7), the LM loss falls, and the indexer warm-up leaves the base alone."""
+    import torch
+    from transformers import Glm5NextForConditionalGeneration
+
+    summary = recipe.main(["--out", str(tmp_path), "--family", "glm5_next", "--model-size", "micro", "--context", "64",
+                           "--index-topk", "16", "--device", "cpu", "--eval-sequences", "8", "--max-records", "30",
+                           "--steps", "4", "4", "4"])
+    figures = summary["figures"]
+    assert len(figures["init"]["per_layer"]["topk_recall"]) == 2
+    assert figures["sparse"]["validation"]["lm_loss_dense"] < figures["init"]["lm_loss_dense"]
+    assert figures["warmup"]["validation"]["lm_loss_dense"] == figures["pretrain"]["validation"]["lm_loss_dense"]
+    assert figures["warmup"]["train"]["kl_dense_end"] < figures["warmup"]["train"]["kl_dense_start"]
+    model = Glm5NextForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    text = model.config.text_config
+    assert (text.index_topk, text.index_kpool, text.max_position_embeddings) == (16, 4, 64)
+    assert [i for i, kind in enumerate(text.layer_types) if kind == "indexed_attention"] == [3, 7]
+    assert "# Tiny GLM-5.3-Flash" in (tmp_path / "README.md").read_text()

@@ -9,21 +9,21 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from indexcache_train.modeling import byte_tokenizer, tiny_config
+from indexcache_train.modeling import byte_tokenizer, model_from_config, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_table.py"
 
 
-def run_script(tmp_path, *args, seed=0):
-    """Save a tiny random GlmMoeDsa with a byte tokenizer, run the script on it, return its JSON and report."""
+def run_script(tmp_path, *args, seed=0, config=None):
+    """Save a tiny random GlmMoeDsa (or `config`'s model) with a byte tokenizer, run the script on it, return its
+    JSON and report."""
     torch.manual_seed(seed)
-    config = tiny_config("glm_moe_dsa", num_hidden_layers=4, index_topk=8, initializer_range=0.2,
-                         max_position_embeddings=128)
+    config = config or tiny_config("glm_moe_dsa", num_hidden_layers=4, index_topk=8, initializer_range=0.2,
+                                   max_position_embeddings=128)
     model_dir, out = tmp_path / "model", tmp_path / "table"
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    model_from_config(config).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(model_dir), "--out", str(out), *args, "--seq-len", "64",
@@ -75,3 +75,20 @@ def test_all_full_row_same_across_ratios(tmp_path):
     half, quarter = results["0.5"]["rows"]["c"]["pattern"], results["0.25"]["rows"]["c"]["pattern"]
     assert [i for i, c in enumerate(quarter) if c == "F"] == [0]
     assert {i for i, c in enumerate(quarter) if c == "F"} <= {i for i, c in enumerate(half) if c == "F"}
+
+
+def test_reproduce_table_on_a_tiny_glm5_next(tmp_path):
+    """A random GLM-5.3-Flash of 16 decoder layers (indexed layers 3, 7, 11, 15): the pattern runs over the 4
+    indexed layers, and every row, distilled ones included, runs on transformers' native attention."""
+    config = tiny_config("glm5_next", num_hidden_layers=16, index_topk=16, initializer_range=0.2,
+                         max_position_embeddings=128)
+    summary, report = run_script(tmp_path, "--ratios", "0.5", "--distill-steps", "2", config=config)
+    rows = summary["results"]["0.5"]["rows"]
+    assert rows["a"]["pattern"] == "FFFF" and rows["b"]["pattern"] == rows["d"]["pattern"] == "FSFS"
+    assert rows["d"]["training"]["trained_layers"] == [0, 2]
+    for key, row in rows.items():
+        assert math.isfinite(row["lm_loss"]) and len(row["recall_per_layer"]) == 4, key
+        assert all(0.0 < r <= 1.0 + 1e-6 for r in row["recall_per_layer"]), (key, row)
+    assert rows["b"]["lm_loss"] != rows["a"]["lm_loss"] and rows["d"]["lm_loss"] != rows["b"]["lm_loss"]
+    assert summary["model"]["architecture"] == "Glm5NextForConditionalGeneration"
+    assert "16 decoder layers, of which 4 own an indexer" in report
