@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from indexcache_train.context_parallel import zigzag_ranges
+from conftest import port
 
 WORKER = Path(__file__).parent / "context_parallel_worker.py"
 
@@ -46,7 +47,7 @@ def test_context_parallel_step_equals_one_rank(tmp_path, nproc, model_type, setu
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     output = tmp_path / "result"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={29720 + nproc}", str(WORKER), str(output), model_type,
+               f"--master_port={port(120 + nproc)}", str(WORKER), str(output), model_type,
                ",".join(f"{stage}:{form}" for stage, form in setups), *lengths]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -10,6 +10,7 @@ from indexcache_train.adapters import SharedTopK, current_pattern, get_adapter
 from indexcache_train.capture import attention_taps, capture_topk
 from indexcache_train.export import export_indexcache
 from indexcache_train.modeling import tiny_config
+from conftest import port
 
 CSA_LAYERS = [1, 3, 4, 5]  # the tiny config's layer_types: sliding, CSA, HCA, CSA, CSA, CSA
 
@@ -243,7 +244,7 @@ def run_cli(module, *args):
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29742"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port(142))}
     result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,6 +18,7 @@ from indexcache_train.data import load_batches
 from indexcache_train.evaluate import evaluate
 from indexcache_train.modeling import build_model_and_tokenizer
 from indexcache_train.pattern_search import greedy_search
+from conftest import port
 
 TESTS = Path(__file__).parent
 # The smoke model with 16 indexer heads, so that exact ties among the indexer's logits (which top-k may break
@@ -45,7 +46,7 @@ def train_on(nproc: int, port: int, *overrides: str) -> None:
 def train_here(*overrides: str) -> dict:
     """A one-rank run in this process (a world of one on a port of this file's own)."""
     with pytest.MonkeyPatch.context() as env:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "29708")):
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", str(port(108)))):
             env.setenv(key, value)
         return train.train(compose_config("train", [*TRAIN, *overrides]))
 
@@ -79,7 +80,7 @@ def one_rank(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def context_parallel_2(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("cp2")
-    train_on(2, 29703, f"output_dir={output_dir}", "context_parallel_size=2")
+    train_on(2, port(103), f"output_dir={output_dir}", "context_parallel_size=2")
     return output_dir
 
 
@@ -101,7 +102,7 @@ def test_context_and_data_parallel_compose(tmp_path):
     rank taking 4 at a time; data-parallel training on them averages the two replicas' losses and gradients,
     which is the 4-sequence batch's mean."""
     common = ("trainer.eval_batches=0",)
-    train_on(4, 29704, f"output_dir={tmp_path / 'cp2_dp2'}", "context_parallel_size=2", *common)
+    train_on(4, port(104), f"output_dir={tmp_path / 'cp2_dp2'}", "context_parallel_size=2", *common)
     train_here(f"output_dir={tmp_path / 'batch4'}", "data.batch_size=4", *common)
     assert_same_training(tmp_path / "cp2_dp2", tmp_path / "batch4")
 
@@ -109,19 +110,19 @@ def test_context_and_data_parallel_compose(tmp_path):
 def test_a_killed_context_parallel_run_resumes_exactly(tmp_path, context_parallel_2):
     killed = tmp_path / "killed"
     # Forward 1 is the before-evaluation, 2-5 are steps 1-4: rank 0 dies in step 3, after the step-2 checkpoint.
-    result = launch(2, 29705, [str(TESTS / "train_kill_worker.py"), "4"], *TRAIN, f"output_dir={killed}",
+    result = launch(2, port(105), [str(TESTS / "train_kill_worker.py"), "4"], *TRAIN, f"output_dir={killed}",
                     "context_parallel_size=2")
     assert result.returncode != 0 and "SIGKILL" in result.stderr, result.stderr[-4000:]
     assert (killed / "checkpoints/latest").read_text() == "step2"
     assert not (killed / "checkpoints/step4").exists()
-    train_on(2, 29706, f"output_dir={killed}", "context_parallel_size=2")  # resume=auto, as smoke sets
+    train_on(2, port(106), f"output_dir={killed}", "context_parallel_size=2")  # resume=auto, as smoke sets
     assert_same_training(killed, context_parallel_2, exact=True)
 
 
 def test_two_rank_context_parallel_eval_equals_one_rank(tmp_path):
     overrides = ["model=tiny_glm", *SMALL, "model.random_init.index_topk=16", "pattern=FSFSFSFS",
                  "num_batches=2", "data.max_records=20"]
-    result = launch(2, 29707, ["-m", "indexcache_train.evaluate"], *overrides, f"output_dir={tmp_path}",
+    result = launch(2, port(107), ["-m", "indexcache_train.evaluate"], *overrides, f"output_dir={tmp_path}",
                     "context_parallel_size=2")
     assert result.returncode == 0, result.stderr[-4000:]
     ours = json.loads((tmp_path / "eval.json").read_text())
@@ -145,7 +146,7 @@ def test_two_rank_context_parallel_search_equals_one_rank(tmp_path):
     overrides = ["model=tiny_glm", *SMALL, "model.random_init.index_topk=16", "model.random_init.num_hidden_layers=4",
                  "search.ratio=null", "search.num_full=2", "search.reference_freqs=[2]", "num_batches=2",
                  "data.max_records=20"]
-    result = launch(2, 29709, ["-m", "indexcache_train.search"], *overrides, f"output_dir={tmp_path}",
+    result = launch(2, port(109), ["-m", "indexcache_train.search"], *overrides, f"output_dir={tmp_path}",
                     "context_parallel_size=2")
     assert result.returncode == 0, result.stderr[-4000:]
     ours = json.loads((tmp_path / "search.json").read_text())
