@@ -12,6 +12,15 @@ if not torch.cuda.is_available():
 # costs one build (~30 s) and is shared with the subprocesses (2-rank runs, notebooks) through the env.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="indexcache-torch-extensions-"))
 
+# The distributed runs' ports are fixed offsets from a base, so that suites of two checkouts on one machine
+# can run side by side: INDEXCACHE_TEST_PORT_BASE moves them all.
+PORT_BASE = int(os.environ.get("INDEXCACHE_TEST_PORT_BASE", "29600"))
+
+
+def port(offset: int) -> int:
+    return PORT_BASE + offset
+
+
 import pytest  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 

@@ -63,18 +63,23 @@ def refused() -> list[str]:
     return errors
 
 
-def main(output: str, model_type: str, setups: str, *lengths: str) -> None:
-    """setups: comma-separated stage:teacher_form pairs, e.g. "sparse:auto,dense:auto"."""
+def main(output: str, *cases: str) -> None:
+    """cases: model_type/setups/lengths, setups comma-separated stage:teacher_form pairs and lengths
+    comma-separated, e.g. "glm_moe_dsa/sparse:auto,dense:auto/40,37"."""
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     # Small blocks of attention and teacher rows, so that blocks start inside a rank's chunks and cross them.
     sparse_forward.ATTENTION_CHUNK_ROWS, distill.TEACHER_BLOCK_ROWS = 3, 4
     results = {"refused": refused()}
-    for length in map(int, lengths):
-        input_ids = torch.randint(0, 257, (2, length), generator=torch.Generator().manual_seed(length))
-        results[length] = {setup: {"one_rank": step(model_type, input_ids, *setup, None),
-                                   "context_parallel": step(model_type, input_ids, *setup, ContextParallel())}
-                           for setup in (tuple(pair.split(":")) for pair in setups.split(","))}
+    for case in cases:
+        model_type, setups, lengths = case.split("/")
+        results[model_type] = {}
+        for length in map(int, lengths.split(",")):
+            input_ids = torch.randint(0, 257, (2, length), generator=torch.Generator().manual_seed(length))
+            results[model_type][length] = {
+                setup: {"one_rank": step(model_type, input_ids, *setup, None),
+                        "context_parallel": step(model_type, input_ids, *setup, ContextParallel())}
+                for setup in (tuple(pair.split(":")) for pair in setups.split(","))}
     torch.save(results, f"{output}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_wheel_trains_from_another_folder(tmp_path):
     assert Path(located.stdout.strip()).is_relative_to(venv), located.stdout  # the wheel, not the checkout
 
     # Its own port: a trainer test in this process may hold the default one for its process group.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29651"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port(51))}
     env.pop("PYTHONPATH", None)
     result = subprocess.run([str(venv / "bin" / "indexcache-train"), "experiment=smoke", "output_dir=run"],
                             capture_output=True, text=True, env=env, timeout=600, cwd=elsewhere)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from indexcache_train.context_parallel import zigzag_ranges
+from conftest import port
 
 WORKER = Path(__file__).parent / "context_parallel_worker.py"
 
@@ -36,25 +37,44 @@ DEFAULT_FORMS = [("sparse", "auto"), ("dense", "auto")]
 BOTH_FORMS = [*DEFAULT_FORMS, ("sparse", "expanded"), ("dense", "absorbed")]
 
 
+# (world size, model type, setups, lengths)
+CASES = [
+    (2, "glm_moe_dsa", BOTH_FORMS, [40, 37]),  # chunks of 10 and an odd length
+    (2, "deepseek_v32", DEFAULT_FORMS, [37]),
+    (4, "glm_moe_dsa", DEFAULT_FORMS, [37, 9]),  # chunks of 4-5 and of 1-2 tokens, shorter than the top-k of 8
+]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The results of the worker's ranks, one launch per world size for all of that size's cases (so that
+    they share its start-up): results_of(nproc)[rank]."""
+    results = {}
+
+    def results_of(nproc: int) -> list[dict]:
+        if nproc not in results:
+            output = tmp_path_factory.mktemp(f"nproc{nproc}") / "result"
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+            cases = [f"{model_type}/{','.join(f'{stage}:{form}' for stage, form in setups)}/"
+                     f"{','.join(map(str, lengths))}" for size, model_type, setups, lengths in CASES if size == nproc]
+            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                       f"--master_port={port(120 + nproc)}", str(WORKER), str(output), *cases]
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+            assert result.returncode == 0, result.stderr[-4000:]
+            results[nproc] = [torch.load(f"{output}.rank{rank}.pt") for rank in range(nproc)]
+        return results[nproc]
+
+    return results_of
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, model_type, setups, lengths", [
-    (2, "glm_moe_dsa", BOTH_FORMS, ["40", "37"]),  # chunks of 10 and an odd length
-    (2, "deepseek_v32", DEFAULT_FORMS, ["37"]),
-    (4, "glm_moe_dsa", DEFAULT_FORMS, ["37", "9"]),  # chunks of 4-5 and of 1-2 tokens, shorter than the top-k of 8
-])
-def test_context_parallel_step_equals_one_rank(tmp_path, nproc, model_type, setups, lengths):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    output = tmp_path / "result"
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={29720 + nproc}", str(WORKER), str(output), model_type,
-               ",".join(f"{stage}:{form}" for stage, form in setups), *lengths]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    for rank in range(nproc):
-        results = torch.load(f"{output}.rank{rank}.pt")
-        refused = results.pop("refused")
+@pytest.mark.parametrize("nproc, model_type, setups, lengths", CASES)
+def test_context_parallel_step_equals_one_rank(launched, nproc, model_type, setups, lengths):
+    for results in launched(nproc):
+        refused = results["refused"]
         assert len(refused) == 3 and all("sparse forward" in e for e in refused[:2]) and "shorter" in refused[2]
-        assert sorted(results) == sorted(map(int, lengths))
+        results = results[model_type]
+        assert sorted(results) == sorted(lengths)
         for length, runs_of in results.items():
             assert sorted(runs_of) == sorted(setups)
             for setup, runs in runs_of.items():

@@ -10,6 +10,7 @@ from indexcache_train.adapters import SharedTopK, current_pattern, get_adapter
 from indexcache_train.capture import attention_taps, capture_topk
 from indexcache_train.export import export_indexcache
 from indexcache_train.modeling import tiny_config
+from conftest import port
 
 CSA_LAYERS = [1, 3, 4, 5]  # the tiny config's layer_types: sliding, CSA, HCA, CSA, CSA, CSA
 
@@ -238,53 +239,69 @@ def test_sampled_recall_skips_the_queries_before_the_first_entry(ids):
 TINY_V4 = ["model=tiny_deepseek_v4", "data.seq_len=64", "data.max_records=30"]
 
 
-def run_cli(module, *args):
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """The eval, analyze, search and train CLIs on the tiny V4, in one subprocess (each job's `main()`, as
+    `python -m` runs it), so that the tests below share its start-up: each job's output folder and stdout."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29742"}
-    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                            env=env)
+    from cli_jobs_worker import job_arguments, job_stdouts
+
+    root = tmp_path_factory.mktemp("v4_cli")
+    jobs = {
+        "indexcache_train.evaluate": ["pattern=FSSF", "num_batches=2"],
+        "indexcache_train.analyze": ["num_batches=1"],
+        "indexcache_train.search": ["num_batches=1", "search.ratio=0.25", "search.reference_freqs=[2,4]"],
+        "indexcache_train.train": ["deepspeed=zero0", "distill.pattern=FSFS", "distill.stage=schedule",
+                                   "distill.dense_steps=3", "trainer.max_steps=6", "trainer.lr=3e-3",
+                                   "trainer.warmup_steps=1", "trainer.eval_batches=2", "logger.mode=disabled"],
+    }
+    tests = Path(__file__).parent
+    # The worker runs as a script: this checkout's package, installed or not.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port(142)), "PYTHONPATH": str(tests.parent)}
+    arguments = job_arguments(*([module, f"output_dir={root / module}", *overrides, *TINY_V4]
+                                for module, overrides in jobs.items()))
+    result = subprocess.run([sys.executable, str(tests / "cli_jobs_worker.py"), *arguments], capture_output=True,
+                            text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    stdouts = job_stdouts(result.stdout)
+    return {module: (root / module, stdouts[module]) for module in jobs}
 
 
-def test_eval_cli(tmp_path):
+def test_eval_cli(cli_runs):
     import json
 
-    stdout = run_cli("indexcache_train.evaluate", f"output_dir={tmp_path}", "pattern=FSSF", "num_batches=2", *TINY_V4)
-    report = json.loads((tmp_path / "eval.json").read_text())
+    output, stdout = cli_runs["indexcache_train.evaluate"]
+    report = json.loads((output / "eval.json").read_text())
     assert report["pattern"] == "FSSF" and [s["layer"] for s in report["shared_layers"]] == [1, 2]
     assert report["indexer_flops_removed"] == 0.5 and "attention recall" in stdout
 
 
-def test_analyze_cli(tmp_path):
+def test_analyze_cli(cli_runs):
     import numpy as np
 
-    run_cli("indexcache_train.analyze", f"output_dir={tmp_path}", "num_batches=1", *TINY_V4)
-    matrices = np.load(tmp_path / "pairs.npz")
+    output, _ = cli_runs["indexcache_train.analyze"]
+    matrices = np.load(output / "pairs.npz")
     assert matrices["index_overlap"].shape == (4, 4)
     np.testing.assert_allclose(np.diag(matrices["index_overlap"]), 1.0)
     assert ((matrices["attention_recall"] > 0) & (matrices["attention_recall"] < 1)).all()
 
 
-def test_search_cli(tmp_path):
+def test_search_cli(cli_runs):
     import json
 
-    run_cli("indexcache_train.search", f"output_dir={tmp_path}", "num_batches=1", "search.ratio=0.25",
-            "search.reference_freqs=[2,4]", *TINY_V4)
-    record = json.loads((tmp_path / "search.json").read_text())
+    output, _ = cli_runs["indexcache_train.search"]
+    record = json.loads((output / "search.json").read_text())
     assert record["done"] and len(record["steps"]) == 3 and record["final"]["pattern"] == "FSSS"
 
 
-def test_train_cli_distils_and_exports(tmp_path, ids):
+def test_train_cli_distils_and_exports(cli_runs):
     import json
 
-    out = tmp_path / "run"
-    stdout = run_cli("indexcache_train.train", f"output_dir={out}", "deepspeed=zero0", "distill.pattern=FSFS",
-            "distill.stage=schedule", "distill.dense_steps=3", "trainer.max_steps=6", "trainer.lr=3e-3",
-            "trainer.warmup_steps=1", "trainer.eval_batches=2", "logger.mode=disabled", *TINY_V4)
+    out, stdout = cli_runs["indexcache_train.train"]
     recall_line = next(line for line in stdout.splitlines() if line.startswith("mean attention recall"))
     assert "nan" not in recall_line, recall_line
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

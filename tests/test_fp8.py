@@ -13,6 +13,7 @@ from indexcache_train.export import export_indexcache, trained_indexer_state
 from indexcache_train.fp8 import quantization_config, resolve_route
 from indexcache_train.modeling import load_model
 from indexcache_train.zero import ZeroContext
+from conftest import port
 
 BLOCK = (16, 16)
 
@@ -81,7 +82,7 @@ def test_zero3_dequantises_on_load_and_matches_transformers(fp8_base, monkeypatc
     torch.testing.assert_close(plain.state_dict()[key], expected)  # transformers' FineGrainedFP8 route
 
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", "29671")):
+                        ("MASTER_PORT", str(port(71)))):
         monkeypatch.setenv(name, value)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")

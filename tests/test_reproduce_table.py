@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from indexcache_train.modeling import byte_tokenizer, model_from_config, tiny_config
+from conftest import port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_table.py"
@@ -32,7 +33,7 @@ def run_script(tmp_path, *args, seed=0, config=None):
         capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
         # This checkout's package, installed or not; the trainer's step needs a (one-rank) process group, on a
         # port of its own: an earlier in-process run leaves MASTER_PORT set and its store listening there.
-        env={**os.environ, "MASTER_PORT": "29654", "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "MASTER_PORT": str(port(54)), "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(Path(f"{out}.json").read_text()), Path(f"{out}.md").read_text()
 

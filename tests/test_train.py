@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from indexcache_train import distill, train
 from indexcache_train.config import compose_config
 from indexcache_train.modeling import byte_tokenizer
+from conftest import port
 
 
 def smoke_config(output_dir, *overrides):
@@ -102,7 +103,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_rank_deepspeed(tmp_path, zero_stage):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29600 + zero_stage}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port(zero_stage)}",
                "-m", "indexcache_train.train", "experiment=smoke", f"deepspeed=zero{zero_stage}",
                f"output_dir={tmp_path}", "trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_batches=1",
                # Step 2 is sparse, whose absorbed teacher reads kv_b_proj: under ZeRO-3, with nothing kept

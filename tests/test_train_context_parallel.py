@@ -18,6 +18,8 @@ from indexcache_train.data import load_batches
 from indexcache_train.evaluate import evaluate
 from indexcache_train.modeling import build_model_and_tokenizer
 from indexcache_train.pattern_search import greedy_search
+from cli_jobs_worker import job_arguments
+from conftest import port
 
 TESTS = Path(__file__).parent
 # The smoke model with 16 indexer heads, so that exact ties among the indexer's logits (which top-k may break
@@ -30,22 +32,23 @@ TRAIN = ["experiment=smoke", *SMALL, "data.max_records=8", "distill.dense_steps=
 TRAINABLE = "checkpoints/step4/trainable.safetensors"
 
 
-def launch(nproc: int, port: int, target: list[str], *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-               *target, *overrides]
+def launch(nproc: int, master_port: int, target: list[str], *overrides: str) -> subprocess.CompletedProcess:
+    # The workers run as scripts: this checkout's package, installed or not.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={master_port}", *target, *overrides]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 
 
-def train_on(nproc: int, port: int, *overrides: str) -> None:
-    result = launch(nproc, port, ["-m", "indexcache_train.train"], *TRAIN, *overrides)
+def train_on(nproc: int, master_port: int, *overrides: str) -> None:
+    result = launch(nproc, master_port, ["-m", "indexcache_train.train"], *TRAIN, *overrides)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
 def train_here(*overrides: str) -> dict:
     """A one-rank run in this process (a world of one on a port of this file's own)."""
     with pytest.MonkeyPatch.context() as env:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "29708")):
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", str(port(108)))):
             env.setenv(key, value)
         return train.train(compose_config("train", [*TRAIN, *overrides]))
 
@@ -76,14 +79,30 @@ def one_rank(tmp_path_factory) -> Path:
     return output_dir
 
 
+EVAL = ["model=tiny_glm", *SMALL, "model.random_init.index_topk=16", "pattern=FSFSFSFS", "num_batches=2",
+        "data.max_records=20"]
+SEARCH = ["model=tiny_glm", *SMALL, "model.random_init.index_topk=16", "model.random_init.num_hidden_layers=4",
+          "search.ratio=null", "search.num_full=2", "search.reference_freqs=[2]", "num_batches=2",
+          "data.max_records=20"]
+
+
 @pytest.fixture(scope="module")
 def context_parallel_2(tmp_path_factory) -> Path:
-    output_dir = tmp_path_factory.mktemp("cp2")
-    train_on(2, 29703, f"output_dir={output_dir}", "context_parallel_size=2")
-    return output_dir
+    """One 2-rank launch runs the train, eval and search CLIs with context_parallel_size=2, one after the other
+    (each job's `main()`, as `python -m` runs it), so that the tests below share its start-up: train/, eval/
+    and search/ hold their outputs."""
+    root = tmp_path_factory.mktemp("cp2")
+    jobs = [[module, *overrides, f"output_dir={root / folder}", "context_parallel_size=2"]
+            for module, overrides, folder in [("indexcache_train.train", TRAIN, "train"),
+                                              ("indexcache_train.evaluate", EVAL, "eval"),
+                                              ("indexcache_train.search", SEARCH, "search")]]
+    result = launch(2, port(103), [str(TESTS / "cli_jobs_worker.py")], *job_arguments(*jobs))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
 
 
 def test_two_rank_context_parallel_trains_as_one_rank(one_rank, context_parallel_2):
+    context_parallel_2 = context_parallel_2 / "train"
     assert_same_training(context_parallel_2, one_rank)
     trained = load_file(context_parallel_2 / TRAINABLE)
     assert any(not torch.equal(trained[k], v) for k, v in load_file(context_parallel_2 / "checkpoints/step2/"
@@ -101,7 +120,7 @@ def test_context_and_data_parallel_compose(tmp_path):
     rank taking 4 at a time; data-parallel training on them averages the two replicas' losses and gradients,
     which is the 4-sequence batch's mean."""
     common = ("trainer.eval_batches=0",)
-    train_on(4, 29704, f"output_dir={tmp_path / 'cp2_dp2'}", "context_parallel_size=2", *common)
+    train_on(4, port(104), f"output_dir={tmp_path / 'cp2_dp2'}", "context_parallel_size=2", *common)
     train_here(f"output_dir={tmp_path / 'batch4'}", "data.batch_size=4", *common)
     assert_same_training(tmp_path / "cp2_dp2", tmp_path / "batch4")
 
@@ -109,24 +128,19 @@ def test_context_and_data_parallel_compose(tmp_path):
 def test_a_killed_context_parallel_run_resumes_exactly(tmp_path, context_parallel_2):
     killed = tmp_path / "killed"
     # Forward 1 is the before-evaluation, 2-5 are steps 1-4: rank 0 dies in step 3, after the step-2 checkpoint.
-    result = launch(2, 29705, [str(TESTS / "train_kill_worker.py"), "4"], *TRAIN, f"output_dir={killed}",
+    result = launch(2, port(105), [str(TESTS / "train_kill_worker.py"), "4"], *TRAIN, f"output_dir={killed}",
                     "context_parallel_size=2")
     assert result.returncode != 0 and "SIGKILL" in result.stderr, result.stderr[-4000:]
     assert (killed / "checkpoints/latest").read_text() == "step2"
     assert not (killed / "checkpoints/step4").exists()
-    train_on(2, 29706, f"output_dir={killed}", "context_parallel_size=2")  # resume=auto, as smoke sets
-    assert_same_training(killed, context_parallel_2, exact=True)
+    train_on(2, port(106), f"output_dir={killed}", "context_parallel_size=2")  # resume=auto, as smoke sets
+    assert_same_training(killed, context_parallel_2 / "train", exact=True)
 
 
-def test_two_rank_context_parallel_eval_equals_one_rank(tmp_path):
-    overrides = ["model=tiny_glm", *SMALL, "model.random_init.index_topk=16", "pattern=FSFSFSFS",
-                 "num_batches=2", "data.max_records=20"]
-    result = launch(2, 29707, ["-m", "indexcache_train.evaluate"], *overrides, f"output_dir={tmp_path}",
-                    "context_parallel_size=2")
-    assert result.returncode == 0, result.stderr[-4000:]
-    ours = json.loads((tmp_path / "eval.json").read_text())
+def test_two_rank_context_parallel_eval_equals_one_rank(context_parallel_2):
+    ours = json.loads((context_parallel_2 / "eval" / "eval.json").read_text())
 
-    cfg = compose_config("eval", overrides)
+    cfg = compose_config("eval", EVAL)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     reference = evaluate(model.eval(), load_batches(cfg.data, cfg.num_batches, tokenizer, torch.device("cpu")),
                          cfg.pattern)
@@ -141,16 +155,10 @@ def test_two_rank_context_parallel_eval_equals_one_rank(tmp_path):
             [expected.index_overlap, expected.attention_recall], rel=1e-5)
 
 
-def test_two_rank_context_parallel_search_equals_one_rank(tmp_path):
-    overrides = ["model=tiny_glm", *SMALL, "model.random_init.index_topk=16", "model.random_init.num_hidden_layers=4",
-                 "search.ratio=null", "search.num_full=2", "search.reference_freqs=[2]", "num_batches=2",
-                 "data.max_records=20"]
-    result = launch(2, 29709, ["-m", "indexcache_train.search"], *overrides, f"output_dir={tmp_path}",
-                    "context_parallel_size=2")
-    assert result.returncode == 0, result.stderr[-4000:]
-    ours = json.loads((tmp_path / "search.json").read_text())
+def test_two_rank_context_parallel_search_equals_one_rank(context_parallel_2):
+    ours = json.loads((context_parallel_2 / "search" / "search.json").read_text())
 
-    cfg = compose_config("search", overrides)
+    cfg = compose_config("search", SEARCH)
     model, tokenizer = build_model_and_tokenizer(cfg.model)
     batches = load_batches(cfg.data, cfg.num_batches, tokenizer, torch.device("cpu"))
     reference = greedy_search(model.eval(), batches, num_full=2)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from indexcache_train.modeling import byte_tokenizer
+from conftest import port
 
 WORKER = Path(__file__).parent / "zero3_worker.py"
 # ~76M parameters (300 MB in fp32) in 12 layers, most of them in 32 experts per MoE layer: a rank holding the
@@ -39,7 +40,7 @@ def run(tmp_path, base, name, nproc, *overrides):
     # (its default threshold rises once a large block is freed, and freed heap then stays resident).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
            "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29631",
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port(31)}",
                str(WORKER), str(tmp_path / f"{name}-report"), "experiment=smoke", f"model.name_or_path={base}",
                f"output_dir={output}", "trainer.max_steps=3", "distill.dense_steps=2", "trainer.eval_batches=0",
                "trainer.save_every=3", "data.seq_len=64", "data.max_records=20", "distill.pattern=0.25", *overrides]
