@@ -274,6 +274,8 @@ GPU_CASES = {
     "dsa_prefill": (1, 4096, 4096, 128, 576, 512, 2048, 0),
     # The CPU-trained small model's shape, batch 2, a chunk of queries in the middle of the sequence.
     "small_model_mid": (2, 512, 1024, 8, 80, 64, 128, 256),
+    # 64 heads, batch 2: FlashMLA's loop over sequences and its stacked outputs.
+    "batch2_64_heads_mid": (2, 512, 1024, 64, 576, 512, 128, 256),
 }
 
 

@@ -309,23 +309,24 @@ def _sparse_mla_flashmla(q, kv, indices, scale, value_dim, query_start=0):
     Triton path."""
     from flash_mla import flash_mla_sparse_fwd
 
-    B, L, H, _ = q.shape
-    T = kv.shape[1]
+    L, T = q.shape[1], kv.shape[1]
     limit = (query_start + torch.arange(L, device=q.device)).clamp_max(T - 1)[:, None]
-    out = q.new_empty(B, L, H, value_dim)
-    lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    for b in range(B):
+    outs, lses = [], []
+    for b in range(q.shape[0]):
         idx = indices[b]
         slots = torch.where((idx >= 0) & (idx <= limit), idx, -1).to(torch.int32)
-        out[b], _, row_lse = flash_mla_sparse_fwd(lastdim_contiguous(q[b]), lastdim_contiguous(kv[b]).unsqueeze(1),
-                                                  slots.unsqueeze(1), float(scale), d_v=value_dim)
-        lse[b] = row_lse.masked_fill_(row_lse == float("inf"), float("-inf"))
-    return out, lse
+        out, _, lse = flash_mla_sparse_fwd(lastdim_contiguous(q[b]), lastdim_contiguous(kv[b]).unsqueeze(1),
+                                           slots.unsqueeze(1), float(scale), d_v=value_dim)
+        outs.append(out)
+        lses.append(lse.masked_fill_(lse == float("inf"), float("-inf")))
+    if len(outs) == 1:  # the sparse forward's case: FlashMLA's own output, without a copy into a second buffer
+        return outs[0][None], lses[0][None]
+    return torch.stack(outs), torch.stack(lses)
 
 
 def _pick_attention_backend(q, indices, value_dim, backend: str | None) -> str:
     if backend is None:
-        if q.device.type == "cuda" and flashmla_unsupported(q, indices, value_dim) is None:
+        if flashmla_unsupported(q, indices, value_dim) is None:
             return "flashmla"
         return pick_backend(q.device)
     if backend not in BACKENDS:
