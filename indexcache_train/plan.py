@@ -6,11 +6,14 @@ c = kv_lora_rank, q = q_lora_rank, d = hidden_size; Hi, Di, k the indexer's head
 dense MLP width, I_e / E / e the expert width, count and experts per token; a = 2 bytes (bf16 activations),
 w = 2 bytes per frozen weight (1 for an FP8 base kept in FP8); N the GPUs.
 
-weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w (1e9 + M): the gathered
-           parameters DeepSpeed keeps available. Its stage3_max_live_parameters (default 1e9) stops the
-           prefetching, not the fetch of the module the forward needs now, so up to one more module comes on
-           top: M, the largest module gathered whole (the fused experts of one MoE layer). The capped offload
-           run's memory report (scripts/offload_one_gpu.py) saw 1.41e9 gathered, with 1e9 + M = 1.8e9.
+weights    ZeRO 0-2: w P_frozen.  ZeRO-3: w P_frozen / N (0 with offload_param) + w G: G the most parameters
+           DeepSpeed holds gathered at once in a step, found by replaying its fetch schedule
+           (`zero3_gathered_peak`): the decoder's modules in forward order, each gathered when it runs and
+           released after it, and after each fetch a prefetch of the next parameters in that order, which
+           stops once it has taken stage3_prefetch_bucket_size (5e7) or the gathered count has reached
+           stage3_max_live_parameters (1e9) -- but only after the parameter that crossed the limit, so one
+           whole expert tensor can come on top. Parameters below stage3_param_persistence_threshold (1e5) stay
+           gathered throughout.
 optimizer  the F indexers' states, from DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs`
            with P_trainable and the largest trainable module), which count 16-bit weights and gradients,
            fp32 master weights, Adam moments and, for ZeRO-3, one gathered trainable module; plus, for ZeRO-3,
@@ -37,17 +40,18 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
 
 Calibration: `activation_scale` multiplies the activation terms and `reserve_gib` is set aside for the CUDA
 context, NCCL and the allocator; `calibration(plan, measured_gib)` says which factor a measured peak implies.
-Every term is in `plan.json` under `terms_gib`, so a measured peak can be compared term by term. The terms
-alone come to 1.01-1.02 of measured peaks on an H200 (docs/results/bench_long_context_h200.json, the sparse
-step of a 4-layer DeepSeek-V3.2-shaped model at 64K / 128K / 200K: 0.985 / 0.979 / 0.977 implied) and to 1.14
-of one on a CPU (tests/test_plan.py, fp32), so the default scale is `ACTIVATION_SCALE` = 0.98, which puts those
-three H200 peaks within 1%. `trainer.memory_report_step` shows what a step holds at its peak, by line of code.
+Every term is in `plan.json` under `terms_gib` (under ZeRO-3 with `weights.gathered`, w G), so a measured peak
+can be compared term by term. The terms alone come to 1.01-1.02 of measured peaks on an H200
+(docs/results/bench_long_context_h200.json, the sparse step of a 4-layer DeepSeek-V3.2-shaped model at 64K /
+128K / 200K: 0.985 / 0.979 / 0.977 implied) and to 1.14 of one on a CPU (tests/test_plan.py, fp32), so the
+default scale is `ACTIVATION_SCALE` = 0.98, which puts those three H200 peaks within 1%. `trainer.memory_report_step` shows what a step holds at its peak, by line of code.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,11 +60,31 @@ from torch import nn
 GIB = 2**30
 ACTIVATION_SCALE = 0.98  # measured peaks over the activation terms (module docstring)
 H200_GIB = 139.8  # torch.cuda.get_device_properties(...).total_memory of an H200, in GiB
-MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters: gathered ones it may keep resident
+# DeepSpeed's ZeRO-3 defaults, in parameters: the gathered count past which it stops prefetching, what one
+# prefetch takes, and the size below which a parameter stays gathered
+MAX_LIVE_PARAMETERS, PREFETCH_BUCKET, PERSISTENCE_THRESHOLD = 1e9, 5e7, 1e5
 REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size: ZeRO-3 keeps a gradient bucket this large on the GPU
 LOGITS_BLOCK, P_BUFFER = 1 << 28, 1 << 26  # elements: the indexer top-k's and the sparse KL's fp32 blocks
 # rows per block: sparse attention queries, absorbed teacher rows in the KL, MLP tokens of the frozen forward
 ATTENTION_ROWS, TEACHER_ROWS, MLP_ROWS = 8192, 16384, 16384
+
+
+@dataclass(frozen=True)
+class Zero3Sizes:
+    """The ZeRO-3 settings the plan depends on, in parameters (elements for the bucket), DeepSpeed's defaults
+    unless `deepspeed.config.zero_optimization` sets them."""
+
+    max_live_parameters: float = MAX_LIVE_PARAMETERS
+    prefetch_bucket: float = PREFETCH_BUCKET
+    persistence_threshold: float = PERSISTENCE_THRESHOLD
+    reduce_bucket: float = REDUCE_BUCKET
+
+    @classmethod
+    def from_deepspeed_config(cls, overrides) -> Zero3Sizes:
+        section = (overrides or {}).get("zero_optimization") or {}
+        keys = {"max_live_parameters": "stage3_max_live_parameters", "prefetch_bucket": "stage3_prefetch_bucket_size",
+                "persistence_threshold": "stage3_param_persistence_threshold", "reduce_bucket": "reduce_bucket_size"}
+        return cls(**{name: float(section[key]) for name, key in keys.items() if key in section})
 
 
 @dataclass
@@ -117,15 +141,7 @@ def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, config=None
                        pattern=cfg.distill.pattern, zero_stage=zero_stage, offload_param=cfg.deepspeed.offload_param,
                        offload_optimizer=cfg.deepspeed.offload_optimizer, fp8_base=fp8_base, gpu_gib=gpu_gib,
                        activation_scale=cfg.plan.activation_scale, reserve_gib=cfg.plan.reserve_gib,
-                       dtype_bytes=dtype_bytes, **_zero3_sizes(cfg.deepspeed.config))
-
-
-def _zero3_sizes(overrides) -> dict[str, float]:
-    """The two ZeRO-3 sizes the plan depends on, where `deepspeed.config` sets them (DeepSpeed's defaults
-    otherwise)."""
-    section = (overrides or {}).get("zero_optimization") or {}
-    return {"max_live_parameters": float(section.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)),
-            "reduce_bucket": float(section.get("reduce_bucket_size", REDUCE_BUCKET))}
+                       dtype_bytes=dtype_bytes, zero3=Zero3Sizes.from_deepspeed_config(cfg.deepspeed.config))
 
 
 def meta_model(config) -> nn.Module:
@@ -145,13 +161,11 @@ def meta_model(config) -> nn.Module:
 def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_size: int, pattern,
                 zero_stage: int, offload_param: str = "none", offload_optimizer: str = "none", fp8_base: bool = False,
                 gpu_gib: float | None = H200_GIB, activation_scale: float = ACTIVATION_SCALE, reserve_gib: float = 2.0,
-                dtype_bytes: int = 2, max_live_parameters: float = MAX_LIVE_PARAMETERS,
-                reduce_bucket: float = REDUCE_BUCKET) -> Plan:
+                dtype_bytes: int = 2, zero3: Zero3Sizes = Zero3Sizes()) -> Plan:
     """The per-GPU plan for distilling `model` with `pattern`: a model as built (meta or loaded, partitioned or
     not) before any pattern is applied, so that every indexer is in place. The S layers' indexers count as
     frozen weights: they stay in memory, off the module tree, until the export drops them. `dtype_bytes` is
-    the run's compute dtype (2: bf16, DeepSpeed's on a GPU; 4: fp32), for weights and activations;
-    `max_live_parameters` and `reduce_bucket` are ZeRO-3's stage3_max_live_parameters and reduce_bucket_size."""
+    the run's compute dtype (2: bf16, DeepSpeed's on a GPU; 4: fp32), for weights and activations."""
     from .adapters import get_adapter
     from .pattern import IndexCachePattern
 
@@ -165,22 +179,25 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
     params_trainable = sum(_numel(p) for i in indexers for p in i.parameters())
     frozen_bytes = sum(_numel(p) * _frozen_bytes(name, fp8_base, dtype_bytes) for name, p in model.named_parameters()
                        if id(p) not in trainable_ids)
-    largest = max(sum(_numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
     largest_trainable = max(sum(_numel(p) for p in m.parameters(recurse=False)) for i in indexers for m in i.modules())
 
     if zero_stage == 3:
         share = 0 if offload_param != "none" else frozen_bytes / world_size
-        gathered = max_live_parameters + largest
-        weights = share + dtype_bytes * min(frozen_bytes / dtype_bytes, gathered)
+        trace = zero3_fetch_trace(model, adapter, pattern, persistence_threshold=zero3.persistence_threshold)
+        persistent = sum(_numel(p) for p in model.parameters() if _numel(p) < zero3.persistence_threshold)
+        gathered = dtype_bytes * zero3_gathered_peak(trace, zero3)
+        weights = share + dtype_bytes * persistent + gathered
     else:
         weights = frozen_bytes
     optimizer = _optimizer_bytes(params_trainable, largest_trainable, world_size, zero_stage, offload_param,
                                  offload_optimizer)
     if zero_stage == 3:  # allocated at start for contiguous gradients, whatever the trainable count
-        optimizer += reduce_bucket * dtype_bytes
+        optimizer += zero3.reduce_bucket * dtype_bytes
     terms = activation_terms(model.config, batch=micro_batch_size, seq_len=seq_len,
                              act_bytes=dtype_bytes)
     activations = activation_scale * (terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"]))
+    if zero_stage == 3:
+        terms["weights.gathered"] = gathered  # beside the activation terms, to compare with a memory report
     total = (weights + optimizer + activations) / GIB
     return Plan(
         params_total=params_total, params_trainable=params_trainable, weights_gib_per_gpu=weights / GIB,
@@ -189,6 +206,51 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
         micro_batch_size=micro_batch_size, pattern=str(pattern), zero_stage=zero_stage, offload_param=offload_param,
         offload_optimizer=offload_optimizer, terms_gib={k: v / GIB for k, v in terms.items()},
     )
+
+
+def zero3_fetch_trace(model: nn.Module, adapter, pattern, *, persistence_threshold: float) -> list[list[tuple[int, int]]]:
+    """The modules one distillation step's frozen forward runs, in order, each as its own partitioned
+    parameters (id, numel): the decoder's modules in registration order, which is their forward order in
+    these models up to the layer norms (persistent) and the o_proj/indexer swap, less the S layers' indexers,
+    which the pattern takes off the model. The LM head does not run in distillation."""
+    dropped = {id(p) for layer in pattern.shared_layers for p in adapter.indexer(model, layer).parameters()}
+    trace = []
+    for module in adapter.decoder(model).modules():
+        own = [(id(p), _numel(p)) for p in module.parameters(recurse=False)
+               if id(p) not in dropped and _numel(p) >= persistence_threshold]
+        if own:
+            trace.append(own)
+    return trace
+
+
+def zero3_gathered_peak(trace: Sequence[Sequence[tuple[int, int]]], sizes: Zero3Sizes) -> int:
+    """The most parameters gathered at once when DeepSpeed's ZeRO-3 coordinator runs `trace` (a list of
+    modules, each a list of (parameter id, numel)) with a complete trace of it, as its
+    `PartitionedParameterCoordinator` does: fetch the module's parameters, move the prefetch queue past them,
+    prefetch the queue's next ones not yet gathered while fewer than min(max_live - gathered, bucket) have
+    been taken, then release the module's parameters unless a later use of them has already been prefetched."""
+    uses = [(step, pid, numel) for step, module in enumerate(trace) for pid, numel in module]
+    gathered: dict[int, int] = {}
+    prefetched_until: dict[int, int] = {}  # parameter -> the latest step whose use of it the queue has passed
+    head = peak = 0
+    for step, module in enumerate(trace):
+        for pid, numel in module:
+            gathered[pid] = numel
+        while head < len(uses) and uses[head][0] <= step:
+            head += 1
+        budget, taken = min(sizes.max_live_parameters - sum(gathered.values()), sizes.prefetch_bucket), 0
+        while head < len(uses) and taken < budget:
+            use_step, pid, numel = uses[head]
+            head += 1
+            prefetched_until[pid] = max(prefetched_until.get(pid, use_step), use_step)
+            if pid not in gathered:
+                gathered[pid] = numel
+                taken += numel
+        peak = max(peak, sum(gathered.values()))
+        for pid, _ in module:
+            if prefetched_until.get(pid, step) <= step:
+                gathered.pop(pid, None)
+    return peak
 
 
 def activation_terms(config, *, batch: int, seq_len: int, act_bytes: int = 2,

@@ -3,6 +3,7 @@
 import ctypes
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -126,9 +127,16 @@ def test_plan_is_within_ten_percent_of_the_h200_step_peaks():
 
 
 def test_zero3_sizes_set_in_the_deepspeed_config_change_the_plan():
-    """stage3_max_live_parameters and reduce_bucket_size, set through deepspeed.config, replace DeepSpeed's
-    defaults in the weights and optimizer terms, element for element in bf16."""
-    from indexcache_train.plan import H200_GIB, plan_from_config
+    """stage3_max_live_parameters, stage3_prefetch_bucket_size, stage3_param_persistence_threshold and
+    reduce_bucket_size, set through deepspeed.config, replace DeepSpeed's defaults in the plan (bf16)."""
+    from indexcache_train.plan import H200_GIB, Zero3Sizes, plan_from_config
+
+    section = "zero_optimization"
+    assert Zero3Sizes.from_deepspeed_config({section: {"stage3_prefetch_bucket_size": 0}}) == Zero3Sizes(
+        prefetch_bucket=0)
+    assert Zero3Sizes.from_deepspeed_config({section: {
+        "stage3_max_live_parameters": 2e8, "stage3_prefetch_bucket_size": 1e6, "stage3_param_persistence_threshold": 0,
+        "reduce_bucket_size": 1e8}}) == Zero3Sizes(2e8, 1e6, 0, 1e8)
 
     def plan(*overrides):
         cfg = compose_config("plan", ["model=glm5_shape", "plan.world_size=8", "data.seq_len=32768",
@@ -136,8 +144,54 @@ def test_zero3_sizes_set_in_the_deepspeed_config_change_the_plan():
         return plan_from_config(cfg, world_size=8, gpu_gib=H200_GIB)
 
     default = plan()
-    smaller = plan("+deepspeed.config.zero_optimization.stage3_max_live_parameters=2e8",
-                   "+deepspeed.config.zero_optimization.reduce_bucket_size=1e8")
+    smaller = plan(f"+deepspeed.config.{section}.reduce_bucket_size=1e8")
     gib = 2**30
-    assert default.weights_gib_per_gpu - smaller.weights_gib_per_gpu == pytest.approx(2 * 8e8 / gib)
     assert default.optimizer_gib_per_gpu - smaller.optimizer_gib_per_gpu == pytest.approx(2 * 4e8 / gib)
+    # GLM-5's fused experts, 256 x 3 x 2048 x 6144 parameters a layer, are fetched whole whatever the limits;
+    # being past stage3_max_live_parameters alone, nothing is prefetched while they run.
+    assert default.terms_gib["weights.gathered"] * gib / 2 == 256 * 3 * 2048 * 6144
+
+
+@pytest.mark.slow
+def test_zero3_gathered_peak_replays_deepspeeds_fetch_schedule(tmp_path):
+    """One ZeRO-3 rank distils a small MoE GlmMoeDsa with the prefetch limits scaled down, so that the
+    prefetch crosses stage3_max_live_parameters on a whole expert tensor; the most parameters DeepSpeed held
+    gathered at once equals the planner's replay of its schedule, which a max_live + largest-module bound
+    would overshoot."""
+    from conftest import build_tiny, port
+    from indexcache_train.adapters import get_adapter
+    from indexcache_train.modeling import byte_tokenizer
+    from indexcache_train.pattern import IndexCachePattern
+    from indexcache_train.plan import Zero3Sizes, meta_model, zero3_fetch_trace, zero3_gathered_peak
+
+    base = tmp_path / "base"
+    model = build_tiny("glm_moe_dsa", hidden_size=256, intermediate_size=1024, moe_intermediate_size=256,
+                       n_routed_experts=32, num_experts_per_tok=2, num_hidden_layers=4, q_lora_rank=128,
+                       kv_lora_rank=64, index_head_dim=32, index_n_heads=4, index_topk=16)
+    model.save_pretrained(base)
+    byte_tokenizer().save_pretrained(base)
+    sizes = Zero3Sizes(max_live_parameters=2e6, prefetch_bucket=5e4, persistence_threshold=0)
+    section = "+deepspeed.config.zero_optimization"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port(61))}
+    command = [sys.executable, str(Path(__file__).parent / "zero3_gather_worker.py"), str(tmp_path / "report.json"),
+               "experiment=smoke", f"model.name_or_path={base}", f"output_dir={tmp_path / 'run'}", "resume=null",
+               "deepspeed=zero3", "data.batch_size=1", "data.seq_len=64", "data.max_records=20", "distill.pattern=0.25",
+               "trainer.max_steps=3", "distill.dense_steps=1", "trainer.eval_batches=0", "trainer.save_every=3",
+               "logger=disabled", f"{section}.stage3_param_persistence_threshold=0",
+               f"{section}.stage3_max_live_parameters={sizes.max_live_parameters:.0f}",
+               f"{section}.stage3_prefetch_bucket_size={sizes.prefetch_bucket:.0f}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((tmp_path / "report.json").read_text())["gathered"]
+
+    meta = meta_model(model.config)
+    adapter = get_adapter(meta)
+    trace = zero3_fetch_trace(meta, adapter, IndexCachePattern.coerce(0.25, adapter.num_layers(meta)),
+                              persistence_threshold=0)
+    planned = zero3_gathered_peak(trace, sizes)
+    largest_module = max(sum(numel for _, numel in module) for module in trace)
+    bound = sizes.max_live_parameters + largest_module
+    print(f"gathered at once: {measured} measured, {planned} replayed, bound {bound:.0f}")
+    assert planned == pytest.approx(measured, rel=0.02)
+    assert bound > 1.2 * measured
