@@ -92,15 +92,22 @@ def main() -> None:
     plan = json.loads((run / "plan.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     measured = max(m["peak_memory_gib"] for m in metrics)
+    report = json.loads((run / "memory_report_rank0.json").read_text())
+    # DeepSpeed allocates the gathered parameters in partition_parameters.py: the part of the peak the plan's
+    # weights.gathered term stands for
+    gathered = sum(site["gib"] for site in report["sites"] if site["site"].startswith("partition_parameters.py"))
     result = {"base_gib": base_bytes / GIB, "gpu_cap_gib": cap / GIB, "pattern": exported.config.index_topk_pattern,
               "export_reloads_with_trained_indexers": reloads, "plan": plan,
               "peak_by_step_gib": [m["peak_memory_gib"] for m in metrics], **calibration(plan, measured),
-              "memory_report_last_step": json.loads((run / "memory_report_rank0.json").read_text())}
+              "gathered_at_peak_gib": {"measured": gathered, "planned": plan["terms_gib"]["weights.gathered"]},
+              "memory_report_last_step": report}
     write_text_atomically(args.output / "offload_one_gpu.json", json.dumps(result, indent=2))
     print(f"base {result['base_gib']:.1f} GiB on a GPU capped at {result['gpu_cap_gib']:.1f} GiB; export reloads "
           f"with its trained indexers: {reloads}; pattern {result['pattern']}")
     print(f"peak {measured:.2f} GiB measured, {plan['total_gib_per_gpu']:.2f} GiB planned "
           f"({100 * result['error']:+.1f}%); the activation_scale that would match: {result['activation_scale']:.3f}")
+    print(f"parameters gathered at the last step's peak: {gathered:.2f} GiB measured, "
+          f"{plan['terms_gib']['weights.gathered']:.2f} GiB planned")
 
 
 if __name__ == "__main__":
