@@ -211,7 +211,9 @@ class IndexerDistillation(nn.Module):
                 raise ValueError("Pooled indexers are distilled on unpadded sequences (pools count from token 0).")
             layer = position_of[id(indexer)]
             selections[layer] = output
-            with torch.set_grad_enabled(wants_grad):
+            # The indexer's own parameters (Glm5Next's pool compression, DeepSeek-V4's position bias) are read
+            # here, outside its forward: no ZeRO-3 hook gathers them, unlike its submodules'.
+            with torch.set_grad_enabled(wants_grad), zero3_gathered(indexer.parameters(recurse=False)):
                 projections = self.adapter.indexer_projections(indexer, hidden_states.detach(), q_resid.detach(),
                                                                position_embeddings)
                 rate = self.adapter.compress_rate(self.model, layer)
@@ -275,7 +277,8 @@ class IndexerDistillation(nn.Module):
                 hook.remove()
         group_losses = {layer: kl.loss() for layer, kl in groups.items()}  # under no_grad: nothing to free early
         for layer, (value, grads, params) in finished.items():
-            with zero3_gathered(params):  # the loss's backward then sees the parameters' whole shapes
+            # Whole from here to the optimizer step: the loss's backward hands them whole-shaped gradients
+            with zero3_gathered(params, until_step=True):
                 group_losses[layer] = _GradientsReady.apply(value, grads, *params)
         for layer, loss in sorted(group_losses.items()):
             metrics[f"kl_group/layer{layer}"] = loss.detach()

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .adapters import apply_indexcache, current_pattern, get_adapter
 from .config import ModelConfig
 from .fp8 import export_quantization, is_block_fp8
-from .modeling import build_model_and_tokenizer, resolve_dtype
-from .runtime import rank, zero3_gathered
+from .modeling import build_model_and_tokenizer, checkpoint_renamer, resolve_dtype
 from .pattern import IndexCachePattern
+from .runtime import rank, zero3_gathered
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -96,7 +96,7 @@ def export_indexcache(model: nn.Module, output_dir: str | os.PathLike, *, base_p
                 if base_weights is None:
                     model.save_pretrained(staging)
                 else:
-                    _copy_base_shards(base_path, base_weights, staging, trained, dropped)
+                    _copy_base_shards(base_path, base_weights, staging, trained, dropped, checkpoint_renamer(model))
                 if base_path is not None:
                     _copy_base_files(base_path, staging)
                 _save_config(model.config, pattern, staging, base_path, adapter.export_config_keys(pattern))
@@ -148,18 +148,23 @@ def _weight_map(base_path: Path) -> dict[str, str] | None:
 
 
 def _copy_base_shards(base_path: Path, weight_map: dict[str, str], staging: Path, trained: dict[str, torch.Tensor],
-                      dropped: tuple[str, ...]) -> None:
-    """Copy the base shards one at a time, without the `dropped` prefixes and with `trained` swapped in."""
-    unmatched = sorted(set(trained) - set(weight_map))
+                      dropped: tuple[str, ...], model_name: Callable[[str], str]) -> None:
+    """Copy the base shards one at a time, without the `dropped` prefixes and with `trained` swapped in; both
+    are named as in the model, the base's tensors as in its checkpoint (`model_name` maps those to these), and
+    the export keeps the checkpoint's names."""
+    names = {key: model_name(key) for key in weight_map}
+    unmatched = sorted(set(trained) - set(names.values()))
     if unmatched:
         raise ValueError(f"The base at {base_path} has no tensor named {unmatched[:3]}: the trained F-layer indexer "
                          "tensors must replace base tensors of the same name.")
     # A trained tensor whose base is FP8 is written in bf16, so its block scales go (fp8.export_quantization
     # keeps the indexers out of the FP8 conversion when transformers loads the export).
-    stale_scales = {f"{key}_scale_inv" for key in trained if f"{key}_scale_inv" in weight_map}
+    stale_scales = {f"{key}_scale_inv" for key, name in names.items()
+                    if name in trained and f"{key}_scale_inv" in weight_map}
+    removed = {key for key, name in names.items() if name.startswith(dropped)} | stale_scales
     new_map: dict[str, str] = {}
     total_size = 0
-    touched = {key for key in weight_map if key in trained or key in stale_scales or key.startswith(dropped)}
+    touched = {key for key, name in names.items() if name in trained} | removed
     for shard in sorted(set(weight_map.values())):
         keys = [key for key, file in weight_map.items() if file == shard]
         if not touched.intersection(keys):  # nothing to rewrite: the base's bytes, FP8 or not, unchanged
@@ -171,10 +176,10 @@ def _copy_base_shards(base_path: Path, weight_map: dict[str, str], staging: Path
         with safe_open(base_path / shard, framework="pt") as f:
             metadata = f.metadata() or {"format": "pt"}
             for key in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                if key.startswith(dropped) or key in stale_scales:
+                if key in removed:
                     continue
-                tensor = f.get_tensor(key)
-                tensors[key] = _like_base(key, trained[key], tensor) if key in trained else tensor
+                tensor, name = f.get_tensor(key), names[key]
+                tensors[key] = _like_base(key, trained[name], tensor) if name in trained else tensor
         if tensors:
             save_file(tensors, staging / shard, metadata=metadata)
             new_map.update(dict.fromkeys(tensors, shard))

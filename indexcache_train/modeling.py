@@ -7,6 +7,7 @@ data holds text (`LazyTokenizer`): records of ready `input_ids` need none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,10 +92,36 @@ def model_class(config: PretrainedConfig):
     return getattr(transformers, adapter.architecture) if adapter else AutoModelForCausalLM
 
 
-def model_from_config(config: PretrainedConfig, **kwargs) -> torch.nn.Module:
-    """A randomly initialised model of `config` (`from_config` of the auto class, or what it calls on the class)."""
+def model_from_config(config: PretrainedConfig, *, trust_remote_code: bool = False, **kwargs) -> torch.nn.Module:
+    """A randomly initialised model of `config` (`from_config` of the auto class, or what it calls on the class;
+    under a live ZeRO-3 `zero.ZeroContext` both build it as partitions)."""
     cls = model_class(config)
-    return cls.from_config(config, **kwargs) if cls is AutoModelForCausalLM else cls._from_config(config, **kwargs)
+    if cls is AutoModelForCausalLM:
+        return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    return cls._from_config(config, **kwargs)
+
+
+def checkpoint_renamer(model: torch.nn.Module) -> Callable[[str], str]:
+    """The name `from_pretrained` gives a checkpoint key in `model`: the family's renamings (DeepSeek-V4's
+    checkpoints keep DeepSeek's own names, `attn.indexer.wq_b`, ...) and fused tensors' names for their parts,
+    else the key itself where the renamings miss while it names a tensor of the model (V4's `.norm.` ->
+    `.kv_norm.` also matches `model.norm.weight`, which `from_pretrained` then loads as named)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        rename_source_key,
+    )
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    names = dict.fromkeys(model.state_dict(), True)
+
+    def renamed(key: str) -> str:
+        name, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        return key if name not in names and key in names else name
+    return renamed
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | str:

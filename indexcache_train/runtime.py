@@ -69,10 +69,15 @@ def mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, (stacked / torch.distributed.get_world_size()).tolist()))
 
 
-def zero3_gathered(params: Iterable[nn.Parameter]):
+def zero3_gathered(params: Iterable[nn.Parameter], *, until_step: bool = False):
     """A context in which ZeRO-3 partitioned parameters are whole (read-only) on every rank; every rank must
     enter it. Ordinary parameters, and partitioned ones ZeRO-3 already holds whole (small persistent ones, or
-    one its module is using), need nothing, and a list of only those gives a no-op context."""
+    one its module is using), need nothing, and a list of only those gives a no-op context.
+
+    `until_step` leaves them whole after the block, until DeepSpeed's optimizer step partitions every
+    parameter again: autograd accumulates a gradient only into a parameter of the gradient's shape, so a
+    backward that reaches parameters other than through their modules (whose backward hooks DeepSpeed
+    gathers in) needs them whole until it has run."""
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
@@ -82,4 +87,12 @@ def zero3_gathered(params: Iterable[nn.Parameter]):
     missing = [p for p in partitioned if p.ds_status != ZeroParamStatus.AVAILABLE]
     if not missing:
         return contextlib.nullcontext()
+    if until_step:
+        return _gathered_until_step(missing)
     return deepspeed.zero.GatheredParameters(missing, modifier_rank=None)
+
+
+@contextlib.contextmanager
+def _gathered_until_step(params: list[nn.Parameter]):
+    params[0].all_gather(param_list=params)  # no partition() after: the step's release of all parameters does it
+    yield

@@ -107,10 +107,15 @@ def load_partitioned(name_or_path: str, *, dtype, trust_remote_code: bool = Fals
 
     Needs a live `ZeroContext` (ZeRO-3) and the process group; every rank calls it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.integrations.deepspeed import _load_state_dict_into_zero3_model
     from transformers.modeling_utils import LoadStateDictConfig
+
+    from .modeling import (  # modeling imports this module
+        checkpoint_renamer,
+        model_from_config,
+    )
 
     if not zero3_enabled():
         raise RuntimeError("load_partitioned needs a live ZeroContext of a ZeRO-3 DeepSpeed config.")
@@ -127,9 +132,11 @@ def load_partitioned(name_or_path: str, *, dtype, trust_remote_code: bool = Fals
         dtype = getattr(torch, str(getattr(config, "dtype", None) or "bfloat16").removeprefix("torch."))
         dtype = torch.bfloat16 if dtype.itemsize == 1 else dtype
     # transformers initialises the partitions module by module (gathered); the checkpoint then overwrites them
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                             attn_implementation=attn_implementation)
-    load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model))
+    model = model_from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                              attn_implementation=attn_implementation)
+    converting = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model))
+    as_named = LoadStateDictConfig()  # for keys whose name is already the model's (see `checkpoint_renamer`)
+    model_name = checkpoint_renamer(model)
     reader = torch.distributed.get_rank() == 0
     modules = dict(model.named_modules())
     never_loaded = None
@@ -137,11 +144,15 @@ def load_partitioned(name_or_path: str, *, dtype, trust_remote_code: bool = Fals
         if prefix and prefix not in modules:
             continue  # a layer the model does not build, such as the multi-token-prediction layer
         state_dict = _read_group(folder, keys, weight_map, reader, dtype, block)
-        errors, missing = _load_state_dict_into_zero3_model(model, state_dict, load_config)
-        if errors:
-            raise RuntimeError(f"Loading {folder} into ZeRO-3 partitions failed: {errors[:3]}")
-        never_loaded = set(missing) if never_loaded is None else never_loaded & set(missing)
-        del state_dict
+        named = {key: state_dict.pop(key) for key in [k for k in state_dict if model_name(k) == k]}
+        for part, load_config in ((state_dict, converting), (named, as_named)):
+            if not part:
+                continue
+            errors, missing = _load_state_dict_into_zero3_model(model, part, load_config)
+            if errors:
+                raise RuntimeError(f"Loading {folder} into ZeRO-3 partitions failed: {errors[:3]}")
+            never_loaded = set(missing) if never_loaded is None else never_loaded & set(missing)
+        del state_dict, named
     params = {name for name, _ in model.named_parameters()}
     unloaded = sorted(params & (never_loaded or set()))
     if unloaded:
