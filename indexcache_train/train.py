@@ -186,12 +186,7 @@ def train(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     bf16 = uses_bf16(cfg, device)
-    family = ADAPTERS[model_config.model_type]
-    planned = family.mla and family.on_sparse_forward  # the planner's activation terms are MLA's, on our forward
-    if cfg.trainer.check_plan and not planned:
-        log.warning("The memory planner covers the MLA families on the sparse forward: no plan for %s.",
-                    model_config.model_type)
-    if cfg.trainer.check_plan and planned:  # from the config alone, before any weight is read
+    if cfg.trainer.check_plan:  # from the config alone, before any weight is read
         dtype_bytes = 2 if bf16 or cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype).itemsize
         memory_plan = check_run_plan(cfg, model_config, world_size=world_size, device=device,
                                      dtype_bytes=dtype_bytes)
