@@ -65,8 +65,9 @@ context, NCCL and the allocator; `calibration(plan, measured_gib)` says which fa
 Every term is in `plan.json` under `terms_gib`, so a measured peak can be compared term by term. The terms
 alone come to 1.01-1.02 of measured peaks on an H200 (docs/results/bench_long_context_h200.json, the sparse
 step of a 4-layer DeepSeek-V3.2-shaped model at 64K / 128K / 200K: 0.985 / 0.979 / 0.977 implied) and to 1.14
-of one on a CPU (tests/test_plan.py, fp32; the two reference-forward families at 1.03 and 1.07), so the default scale is `ACTIVATION_SCALE` = 0.98, which puts those
-three H200 peaks within 1%. `trainer.memory_report_step` shows what a step holds at its peak, by line of code.
+of one on a CPU (tests/test_plan.py, fp32; 1.03 for DeepSeek-V4 and 1.07 for Glm5Next on the reference forward),
+so the default scale is `ACTIVATION_SCALE` = 0.98, which puts those three H200 peaks within 1%.
+`trainer.memory_report_step` shows what a step holds at its peak, by line of code.
 """
 
 from __future__ import annotations
@@ -305,16 +306,17 @@ def _per_token(config) -> int:
 def _mlp_bytes(config, a: int, rows: int, *, block: int, block_e: int) -> float:
     """The mlp term over blocks of `block` tokens (`block_e` for an MoE); the whole sequence on the reference
     forward, which does not block its MLP."""
+    d = config.hidden_size
     dense_mlp = 3 * a * block * config.intermediate_size
     routed = 0
     experts = getattr(config, "n_routed_experts", None) or 0
     if experts:
-        per_token = _per_token(config)
+        per_token, width = _per_token(config), config.moe_intermediate_size
         upcasts = 8 if a < 4 else 0  # the two fp32 forms are copies only when activations are not fp32
-        routed = (3 * a * block_e * per_token * config.moe_intermediate_size + (2 * a + upcasts) * block_e * per_token
-                  * config.hidden_size + 3 * a * block_e * config.moe_intermediate_size
-                  * (getattr(config, "n_shared_experts", 0) or 0) + 4 * block_e * experts + a * block_e * config.hidden_size)
-    return max(dense_mlp + a * block * config.hidden_size, routed) + a * rows * config.hidden_size
+        routed = (3 * a * block_e * per_token * width + (2 * a + upcasts) * block_e * per_token * d
+                  + 3 * a * block_e * width * (getattr(config, "n_shared_experts", 0) or 0)
+                  + 4 * block_e * experts + a * block_e * d)
+    return max(dense_mlp + a * block * d, routed) + a * rows * d
 
 
 def calibration(plan: Plan | dict, measured_gib: float) -> dict[str, float]:

@@ -306,6 +306,8 @@ def test_train_cli_distils_and_exports(cli_runs):
     assert "nan" not in recall_line, recall_line
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
+    plan = json.loads((out / "plan.json").read_text())  # planned on its eager reference forward's terms
+    assert plan["pattern"] == "FSFS" and plan["terms_gib"]["attention.eager"] > 0 and "Memory plan:" in stdout
     reloaded = AutoModelForCausalLM.from_pretrained(out / "export").eval()
     assert reloaded.config.index_topk_pattern == "FSFS"
     apply_indexcache(reloaded, current_pattern(reloaded))

@@ -276,8 +276,8 @@ def test_distillation_trains_only_the_f_indexers_and_the_loss_falls(stage, ids):
 
 def test_indexcache_train_runs_on_a_tiny_glm5_next(tmp_path):
     """`indexcache-train experiment=smoke_glm5_next`: the tiny random GLM-5.3-Flash (model=tiny_glm5_next) on the
-    native path, dense then sparse steps, the group KL falls on held-out batches, and the export reloads in
-    plain transformers without the S indexer."""
+    native path, dense then sparse steps, the group KL falls on held-out batches, the memory plan is written,
+    and the export reloads in plain transformers without the S indexer."""
     import json
 
     from indexcache_train import train
@@ -286,8 +286,10 @@ def test_indexcache_train_runs_on_a_tiny_glm5_next(tmp_path):
     def config(*overrides):
         return compose_config("train", ["experiment=smoke_glm5_next", f"output_dir={tmp_path}", *overrides])
 
-    summary = train.train(config("trainer.check_plan=true"))  # no plan for a family off the sparse forward
+    summary = train.train(config("trainer.check_plan=true"))
     assert summary["pattern"] == "FS"
+    plan = json.loads((tmp_path / "plan.json").read_text())  # planned on its reference forward's terms
+    assert plan["pattern"] == "FS" and plan["terms_gib"]["linear"] > 0 and plan["activations_gib_per_gpu"] > 0
     assert summary["after"]["kl_group/layer0"] < summary["before"]["kl_group/layer0"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["dense"] * 3 + ["sparse"] * 3
