@@ -38,8 +38,10 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
 The families on transformers' reference forward (`REFERENCE_FORWARD_TERMS`: Glm5Next, DeepSeek-V4) hold
 the whole sequence at once, MLP included (mlp above with M = M_e = R); their hyper-connections keep hc =
 hc_mult streams, so stream = a R d (hc + 2) (the streams, the layer's input and the embeddings). The
-distillation state is the groups term above, with the indexer's compression inputs.
-  glm5_next    every 4th layer: MLA with a pooled indexer, C = L / P pools of P = index_kpool keys, k' = k + P - 1.
+distillation state is the groups term above, with the indexer's compression inputs (k' top-k slots); it is
+counted in every phase, though an F layer's group opens only after its indexer has run.
+  glm5_next    every 4th layer MLA with a pooled indexer, C = L / P pools of P = index_kpool keys, k' = k + P - 1;
+               the others KDA, Hl / Dl = linear_num_heads / linear_head_dim.
                attention  a R (q + H (n + r) + (c + r) + H (n + v) + H (n + r)) + max of
                  indexer  b L^2 + 12 R Hi C + a R Hi Di   (visible-token mask; fp32 pool scores, their scaled
                           and relu'd copies; +4 R Hi Di for the query's fp32 copy when a = 2)

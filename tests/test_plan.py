@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from indexcache_train.config import compose_config
 from indexcache_train.distill import IndexerDistillation
-from indexcache_train.plan import activation_terms
+from indexcache_train.plan import activation_peak, activation_terms, model_activation_terms
 from indexcache_train.plan_cli import run_plan
 
 
@@ -91,7 +91,7 @@ def test_activation_estimate_is_close_to_the_measured_peak():
                  index_head_dim=64, index_topk=128, max_position_embeddings=8192)
     model = use_sparse_forward(build_tiny("glm_moe_dsa", **shape))
     terms = activation_terms(model.config, batch=1, seq_len=4096, act_bytes=4, logits_block=1 << 26)
-    planned = terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"])
+    planned = activation_peak(terms)
     distillation = IndexerDistillation(model, "FSSS", stage="sparse", recall_rows=0)
     distillation.freeze()
     input_ids = torch.randint(0, 257, (1, 4096), generator=torch.Generator().manual_seed(0))
@@ -126,7 +126,6 @@ def test_reference_forward_estimate_is_close_to_the_measured_peak(model_type):
     peak above the weights, against the activation terms the planner takes for the family."""
     from indexcache_train.adapters import ADAPTERS
     from indexcache_train.modeling import model_from_config, tiny_config
-    from indexcache_train.plan import activation_peak, model_activation_terms
 
     seq_len, pattern, shape = REFERENCE_FORWARD_SHAPES[model_type]
     torch.manual_seed(0)
