@@ -43,8 +43,14 @@ from .export import export_indexcache
 from .files import write_text_atomically
 from .memory_report import MemoryTrace, format_report
 from .metrics import lm_loss
-from .modeling import (LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype,
-                       text_config)
+from .modeling import (
+    LazyTokenizer,
+    build_model,
+    check_seq_len,
+    load_model_config,
+    resolve_dtype,
+    text_config,
+)
 from .pattern import IndexCachePattern
 from .plan import check_run_plan
 from .runtime import init_distributed, resolve_device, seed_everything

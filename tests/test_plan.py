@@ -12,7 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from indexcache_train.config import compose_config
 from indexcache_train.distill import IndexerDistillation
-from indexcache_train.plan import activation_peak, activation_terms, model_activation_terms
+from indexcache_train.plan import (
+    activation_peak,
+    activation_terms,
+    model_activation_terms,
+)
 from indexcache_train.plan_cli import run_plan
 
 
@@ -83,12 +87,13 @@ def test_activation_estimate_is_close_to_the_measured_peak():
     """A small GlmMoeDsa in fp32 at L = 4096 on the sparse forward: one distillation step's peak above the
     weights, against the plan's activation terms with the CPU's top-k block (2^26)."""
     from conftest import build_tiny
+
     from indexcache_train.sparse_forward import use_sparse_forward
 
-    shape = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, n_routed_experts=8,
-                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256,
-                 kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, index_n_heads=8,
-                 index_head_dim=64, index_topk=128, max_position_embeddings=8192)
+    shape = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 256, "n_routed_experts": 8,
+             "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 256,
+             "kv_lora_rank": 128, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64,
+             "index_n_heads": 8, "index_head_dim": 64, "index_topk": 128, "max_position_embeddings": 8192}
     model = use_sparse_forward(build_tiny("glm_moe_dsa", **shape))
     terms = activation_terms(model.config, batch=1, seq_len=4096, act_bytes=4, logits_block=1 << 26)
     planned = activation_peak(terms)
