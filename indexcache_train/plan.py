@@ -38,13 +38,42 @@ activations the frozen sparse forward's peak, per GPU, in bytes:
                and unpermuted forms, which are no copies when a = 4; the block's input; the output)
   peak         stream + groups + max(attention, mlp)
 
+The families on transformers' reference forward (`REFERENCE_FORWARD_TERMS`: Glm5Next, DeepSeek-V4) hold
+the whole sequence at once, MLP included (mlp above with M = M_e = R); their hyper-connections keep hc =
+hc_mult streams, so stream = a R d (hc + 2) (the streams, the layer's input and the embeddings). The
+distillation state is the groups term above, with the indexer's compression inputs (k' top-k slots); it is
+counted in every phase, though an F layer's group opens only after its indexer has run.
+  glm5_next    every 4th layer MLA with a pooled indexer, C = L / P pools of P = index_kpool keys, k' = k + P - 1;
+               the others KDA, Hl / Dl = linear_num_heads / linear_head_dim.
+               attention  a R (q + H (n + r) + (c + r) + H (n + v) + H (n + r)) + max of
+                 indexer  b L^2 + 12 R Hi C + a R Hi Di   (visible-token mask; fp32 pool scores, their scaled
+                          and relu'd copies; +4 R Hi Di for the query's fp32 copy when a = 2)
+                 KL       a b L^2 + a R (H + 1)(c + r)   (the float top-k mask; the absorbed query and key)
+                 mask     max(5 + a, 2 a + 1) b L^2 + a R H v   (int32 counts, bool and float masks from the
+                          top-k; the tap's re-folded copy; the attention output)
+               linear     4 R Hl Dl (3 c_l + 6) + 5 a R Hl Dl   (KDA in chunks of c_l = 64: the fp32 decay mask
+                          [R, c_l, Hl Dl] and the two products of the intra-chunk scores, the fp32 q/k/v/g/beta
+                          forms; the projections and their convolution). The reference chunked KDA, as
+                          transformers runs it without flash-linear-attention.
+               peak       stream + groups + max(attention, linear, mlp)
+  deepseek_v4  its CSA layers (the longest keys, L + T with T = L / m entries, m the CSA compress rate), eager:
+               attention  a R (q + H D + D) + a b (L + T) D + max of
+                 indexer  12 R Hi T + a R Hi Di + 4 a R D   (fp32 scores, relu'd, weighted; the compressor's
+                          kv and gate projections)
+                 eager    3 a R H (L + T + 1) + a R (2 L + 2 T) + 2 a b H (L + T) D   (scores, the logits with the
+                          sink, their centred copy; the causal mask, the mask with the compressed block bias and
+                          the bias; the key and value repeated over the H heads)
+               peak       stream + groups + max(attention, mlp)
+
 Calibration: `activation_scale` multiplies the activation terms and `reserve_gib` is set aside for the CUDA
 context, NCCL and the allocator; `calibration(plan, measured_gib)` says which factor a measured peak implies.
 Every term is in `plan.json` under `terms_gib` (under ZeRO-3 with `weights.gathered`, w G), so a measured peak
 can be compared term by term. The terms alone come to 1.01-1.02 of measured peaks on an H200
 (docs/results/bench_long_context_h200.json, the sparse step of a 4-layer DeepSeek-V3.2-shaped model at 64K /
-128K / 200K: 0.985 / 0.979 / 0.977 implied) and to 1.14 of one on a CPU (tests/test_plan.py, fp32), so the
-default scale is `ACTIVATION_SCALE` = 0.98, which puts those three H200 peaks within 1%. `trainer.memory_report_step` shows what a step holds at its peak, by line of code.
+128K / 200K: 0.985 / 0.979 / 0.977 implied) and to 1.14 of one on a CPU (tests/test_plan.py, fp32; 1.03 for
+DeepSeek-V4 and 1.07 for Glm5Next on the reference forward), so the default scale is `ACTIVATION_SCALE` = 0.98,
+which puts those three H200 peaks within 1%. `trainer.memory_report_step` shows what a step holds at its peak,
+by line of code.
 """
 
 from __future__ import annotations
@@ -67,6 +96,7 @@ REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size: ZeRO-3 keeps a gr
 LOGITS_BLOCK, P_BUFFER = 1 << 28, 1 << 26  # elements: the indexer top-k's and the sparse KL's fp32 blocks
 # rows per block: sparse attention queries, absorbed teacher rows in the KL, MLP tokens of the frozen forward
 ATTENTION_ROWS, TEACHER_ROWS, MLP_ROWS = 8192, 16384, 16384
+KDA_CHUNK = 64  # tokens per chunk of transformers' reference KDA (chunk_kimi_delta_attention)
 
 
 @dataclass(frozen=True)
@@ -147,15 +177,14 @@ def plan_from_config(cfg, *, world_size: int, gpu_gib: float | None, config=None
 def meta_model(config) -> nn.Module:
     """The architecture on the meta device: shapes only. Not under a live ZeRO-3 `zero.ZeroContext`, where
     transformers would build it under `deepspeed.zero.Init` and initialise meta tensors."""
-    from transformers import AutoModelForCausalLM
-
+    from .modeling import model_from_config
     from .zero import zero3_enabled
 
     if zero3_enabled():
         raise RuntimeError("Plan before the ZeRO-3 context exists: a meta model cannot be built under zero.Init.")
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return model_from_config(config)
 
 
 def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_size: int, pattern,
@@ -193,9 +222,8 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
                                  offload_optimizer)
     if zero_stage == 3:  # allocated at start for contiguous gradients, whatever the trainable count
         optimizer += zero3.reduce_bucket * dtype_bytes
-    terms = activation_terms(model.config, batch=micro_batch_size, seq_len=seq_len,
-                             act_bytes=dtype_bytes)
-    activations = activation_scale * (terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"]))
+    terms = model_activation_terms(model.config, batch=micro_batch_size, seq_len=seq_len, act_bytes=dtype_bytes)
+    activations = activation_scale * activation_peak(terms)
     if zero_stage == 3:
         terms["weights.gathered"] = gathered  # beside the activation terms, to compare with a memory report
     total = (weights + optimizer + activations) / GIB
@@ -270,20 +298,90 @@ def activation_terms(config, *, batch: int, seq_len: int, act_bytes: int = 2,
     chunk = min(ATTENTION_ROWS, L)
     sparse = b * chunk * H * (a * (c + r) + a * c) + a * rows * H * v + a * rows * d
     attention = a * rows * (q + H * (n + r) + (c + r)) + max(indexer, kl, sparse)
-    experts = getattr(config, "n_routed_experts", None) or 0
-    block = b * min(MLP_ROWS, L)
-    dense_mlp = 3 * a * block * config.intermediate_size
-    routed = 0
-    if experts:
-        per_token = config.num_experts_per_tok
-        block_e = b * min(MLP_ROWS // per_token, L)
-        upcasts = 8 if a < 4 else 0  # the two fp32 forms are copies only when activations are not fp32
-        routed = (3 * a * block_e * per_token * config.moe_intermediate_size + (2 * a + upcasts) * block_e * per_token * d
-                  + 3 * a * block_e * config.moe_intermediate_size * (getattr(config, "n_shared_experts", 0) or 0)
-                  + 4 * block_e * experts + a * block_e * d)
-    mlp = max(dense_mlp + a * block * d, routed) + a * rows * d
+    mlp = _mlp_bytes(config, a, rows, block=b * min(MLP_ROWS, L), block_e=b * min(MLP_ROWS // _per_token(config), L))
     return {"stream": stream, "groups": groups, "attention": attention, "mlp": mlp,
             "attention.indexer": indexer, "attention.kl": kl, "attention.sparse": sparse}
+
+
+def glm5_next_activation_terms(config, *, batch: int, seq_len: int, act_bytes: int = 2) -> dict[str, float]:
+    """The activation terms of a `Glm5NextForConditionalGeneration` step on transformers' reference forward
+    (module docstring), in bytes; `config` is its text config."""
+    a, b, L = act_bytes, batch, seq_len
+    rows, square = b * L, b * L * L
+    H, n, r, v = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim)
+    c, q, d = config.kv_lora_rank, config.q_lora_rank, config.hidden_size
+    hi, di, k = config.index_n_heads, config.index_head_dim, min(config.index_topk + config.index_kpool - 1, L)
+    pools = L // config.index_kpool
+    hl_dl = config.linear_num_heads * config.linear_head_dim
+    stream = a * rows * d * (config.hc_mult + 2)
+    groups = rows * ((hi * di + di + hi) * (a + 4) + a * (d + q + di) + (3 * a + 8) * di + 4 * k)
+    upcast = 4 if a < 4 else 0  # the fp32 copy of the indexer's query, none when it is fp32 already
+    indexer = square + 12 * rows * hi * pools + (a + upcast) * rows * hi * di
+    kl = a * square + a * rows * (H + 1) * (c + r)
+    mask = max(5 + a, 2 * a + 1) * square + a * rows * H * v
+    attention = a * rows * (q + H * (n + r) + (c + r) + H * (n + v) + H * (n + r)) + max(indexer, kl, mask)
+    linear = 4 * rows * hl_dl * (3 * KDA_CHUNK + 6) + 5 * a * rows * hl_dl
+    mlp = _mlp_bytes(config, a, rows, block=rows, block_e=rows)
+    return {"stream": stream, "groups": groups, "attention": attention, "linear": linear, "mlp": mlp,
+            "attention.indexer": indexer, "attention.kl": kl, "attention.mask": mask}
+
+
+def deepseek_v4_activation_terms(config, *, batch: int, seq_len: int, act_bytes: int = 2) -> dict[str, float]:
+    """The activation terms of a `DeepseekV4ForCausalLM` step on transformers' eager reference forward
+    (module docstring), in bytes: its CSA layers, whose compressed entries lengthen every query's keys most."""
+    a, b, L = act_bytes, batch, seq_len
+    rows = b * L
+    H, D, q, d = config.num_attention_heads, config.head_dim, config.q_lora_rank, config.hidden_size
+    hi, di, k = config.index_n_heads, config.index_head_dim, config.index_topk
+    entries = L // config.compress_rates["compressed_sparse_attention"]
+    keys = L + entries
+    stream = a * rows * d * (config.hc_mult + 2)
+    groups = rows * ((hi * di + hi) * (a + 4) + a * (d + q + 4 * di) + 4 * k) + entries * b * di * (a + 4)
+    upcast = 4 if a < 4 else 0  # the fp32 copy of the indexer's query, none when it is fp32 already
+    indexer = 12 * rows * hi * entries + (a + upcast) * rows * hi * di + 4 * a * rows * D
+    eager = 3 * a * rows * H * (keys + 1) + a * rows * (L + keys + entries) + 2 * a * b * H * keys * D
+    attention = a * rows * (q + H * D + D) + a * b * keys * D + max(indexer, eager)
+    mlp = _mlp_bytes(config, a, rows, block=rows, block_e=rows)
+    return {"stream": stream, "groups": groups, "attention": attention, "mlp": mlp,
+            "attention.indexer": indexer, "attention.eager": eager}
+
+
+# The families on transformers' reference forward, which `activation_terms` (the sparse forward's) does not model
+REFERENCE_FORWARD_TERMS = {"glm5_next": glm5_next_activation_terms, "deepseek_v4": deepseek_v4_activation_terms}
+
+
+def model_activation_terms(config, *, batch: int, seq_len: int, act_bytes: int = 2) -> dict[str, float]:
+    """The activation terms of the family `config` describes."""
+    from .modeling import text_config
+
+    terms = REFERENCE_FORWARD_TERMS.get(config.model_type, activation_terms)
+    return terms(text_config(config), batch=batch, seq_len=seq_len, act_bytes=act_bytes)
+
+
+def activation_peak(terms: dict[str, float]) -> float:
+    """stream + groups + the largest of the other phases (the top-level terms; a dotted one is part of one)."""
+    phases = [value for name, value in terms.items() if "." not in name and name not in ("stream", "groups")]
+    return terms["stream"] + terms["groups"] + max(phases)
+
+
+def _per_token(config) -> int:
+    return getattr(config, "num_experts_per_tok", None) or 1
+
+
+def _mlp_bytes(config, a: int, rows: int, *, block: int, block_e: int) -> float:
+    """The mlp term over blocks of `block` tokens (`block_e` for an MoE); the whole sequence on the reference
+    forward, which does not block its MLP."""
+    d = config.hidden_size
+    dense_mlp = 3 * a * block * config.intermediate_size
+    routed = 0
+    experts = getattr(config, "n_routed_experts", None) or 0
+    if experts:
+        per_token, width = _per_token(config), config.moe_intermediate_size
+        upcasts = 8 if a < 4 else 0  # the two fp32 forms are copies only when activations are not fp32
+        routed = (3 * a * block_e * per_token * width + (2 * a + upcasts) * block_e * per_token * d
+                  + 3 * a * block_e * width * (getattr(config, "n_shared_experts", 0) or 0)
+                  + 4 * block_e * experts + a * block_e * d)
+    return max(dense_mlp + a * block * d, routed) + a * rows * d
 
 
 def calibration(plan: Plan | dict, measured_gib: float) -> dict[str, float]:

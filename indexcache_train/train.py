@@ -43,8 +43,14 @@ from .export import export_indexcache
 from .files import write_text_atomically
 from .memory_report import MemoryTrace, format_report
 from .metrics import lm_loss
-from .modeling import (LazyTokenizer, build_model, check_seq_len, load_model_config, resolve_dtype,
-                       text_config)
+from .modeling import (
+    LazyTokenizer,
+    build_model,
+    check_seq_len,
+    load_model_config,
+    resolve_dtype,
+    text_config,
+)
 from .pattern import IndexCachePattern
 from .plan import check_run_plan
 from .runtime import init_distributed, resolve_device, seed_everything
@@ -186,12 +192,7 @@ def train(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     bf16 = uses_bf16(cfg, device)
-    family = ADAPTERS[model_config.model_type]
-    planned = family.mla and family.on_sparse_forward  # the planner's activation terms are MLA's, on our forward
-    if cfg.trainer.check_plan and not planned:
-        log.warning("The memory planner covers the MLA families on the sparse forward: no plan for %s.",
-                    model_config.model_type)
-    if cfg.trainer.check_plan and planned:  # from the config alone, before any weight is read
+    if cfg.trainer.check_plan:  # from the config alone, before any weight is read
         dtype_bytes = 2 if bf16 or cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype).itemsize
         memory_plan = check_run_plan(cfg, model_config, world_size=world_size, device=device,
                                      dtype_bytes=dtype_bytes)

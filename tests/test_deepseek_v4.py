@@ -3,6 +3,7 @@ compressed KV entries; S layers reuse their F layer's top-k of entries through a
 
 import pytest
 import torch
+from conftest import port
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM
 
 from indexcache_train import apply_indexcache
@@ -10,7 +11,6 @@ from indexcache_train.adapters import SharedTopK, current_pattern, get_adapter
 from indexcache_train.capture import attention_taps, capture_topk
 from indexcache_train.export import export_indexcache
 from indexcache_train.modeling import tiny_config
-from conftest import port
 
 CSA_LAYERS = [1, 3, 4, 5]  # the tiny config's layer_types: sliding, CSA, HCA, CSA, CSA, CSA
 
@@ -265,7 +265,7 @@ def cli_runs(tmp_path_factory):
     arguments = job_arguments(*([module, f"output_dir={root / module}", *overrides, *TINY_V4]
                                 for module, overrides in jobs.items()))
     result = subprocess.run([sys.executable, str(tests / "cli_jobs_worker.py"), *arguments], capture_output=True,
-                            text=True, timeout=900, env=env)
+                            text=True, timeout=900, env=env, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     stdouts = job_stdouts(result.stdout)
     return {module: (root / module, stdouts[module]) for module in jobs}
@@ -306,6 +306,8 @@ def test_train_cli_distils_and_exports(cli_runs):
     assert "nan" not in recall_line, recall_line
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
+    plan = json.loads((out / "plan.json").read_text())  # planned on its eager reference forward's terms
+    assert plan["pattern"] == "FSFS" and plan["terms_gib"]["attention.eager"] > 0 and "Memory plan:" in stdout
     reloaded = AutoModelForCausalLM.from_pretrained(out / "export").eval()
     assert reloaded.config.index_topk_pattern == "FSFS"
     apply_indexcache(reloaded, current_pattern(reloaded))

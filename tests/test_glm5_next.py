@@ -13,14 +13,14 @@ LINEAR, INDEXED = "linear_attention", "indexed_attention"
 
 def build(seed=0, **text):
     """8 decoder layers by default: layers 3 and 7 are indexed, the rest KDA."""
-    config = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=8,
-                  num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-                  kv_lora_rank=8, q_lora_rank=8, v_head_dim=8, qk_nope_head_dim=8, index_topk=8, index_head_dim=8,
-                  index_n_heads=2, index_kpool=4, linear_head_dim=8, linear_num_heads=2, hc_mult=2,
-                  hc_sinkhorn_iters=2, vocab_size=64, pad_token_id=0, max_position_embeddings=128)
+    config = {"hidden_size": 32, "intermediate_size": 32, "moe_intermediate_size": 16, "num_hidden_layers": 8,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,
+              "kv_lora_rank": 8, "q_lora_rank": 8, "v_head_dim": 8, "qk_nope_head_dim": 8, "index_topk": 8,
+              "index_head_dim": 8, "index_n_heads": 2, "index_kpool": 4, "linear_head_dim": 8, "linear_num_heads": 2,
+              "hc_mult": 2, "hc_sinkhorn_iters": 2, "vocab_size": 64, "pad_token_id": 0, "max_position_embeddings": 128}
     config.update(text)
     torch.manual_seed(seed)
-    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
+    vision = {"depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 16, "out_hidden_size": 32}
     model = Glm5NextForConditionalGeneration(Glm5NextConfig(text_config=config, vision_config=vision)).eval()
     with torch.no_grad():  # the pooled indexer's compression starts at zeros/ones: make the pools differ
         for name, param in model.named_parameters():
@@ -276,8 +276,8 @@ def test_distillation_trains_only_the_f_indexers_and_the_loss_falls(stage, ids):
 
 def test_indexcache_train_runs_on_a_tiny_glm5_next(tmp_path):
     """`indexcache-train experiment=smoke_glm5_next`: the tiny random GLM-5.3-Flash (model=tiny_glm5_next) on the
-    native path, dense then sparse steps, the group KL falls on held-out batches, and the export reloads in
-    plain transformers without the S indexer."""
+    native path, dense then sparse steps, the group KL falls on held-out batches, the memory plan is written,
+    and the export reloads in plain transformers without the S indexer."""
     import json
 
     from indexcache_train import train
@@ -286,8 +286,10 @@ def test_indexcache_train_runs_on_a_tiny_glm5_next(tmp_path):
     def config(*overrides):
         return compose_config("train", ["experiment=smoke_glm5_next", f"output_dir={tmp_path}", *overrides])
 
-    summary = train.train(config("trainer.check_plan=true"))  # no plan for a family off the sparse forward
+    summary = train.train(config("trainer.check_plan=true"))
     assert summary["pattern"] == "FS"
+    plan = json.loads((tmp_path / "plan.json").read_text())  # planned on its reference forward's terms
+    assert plan["pattern"] == "FS" and plan["terms_gib"]["linear"] > 0 and plan["activations_gib_per_gpu"] > 0
     assert summary["after"]["kl_group/layer0"] < summary["before"]["kl_group/layer0"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["dense"] * 3 + ["sparse"] * 3

@@ -13,7 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from indexcache_train.config import compose_config
 from indexcache_train.distill import IndexerDistillation
-from indexcache_train.plan import activation_terms
+from indexcache_train.plan import (
+    activation_peak,
+    activation_terms,
+    model_activation_terms,
+)
 from indexcache_train.plan_cli import run_plan
 
 
@@ -67,23 +71,8 @@ def _in_kernel_fallback(frame) -> bool:
     return False
 
 
-def test_activation_estimate_is_close_to_the_measured_peak():
-    """A small GlmMoeDsa in fp32 at L = 4096 on the sparse forward: one distillation step's peak above the
-    weights, against the plan's activation terms with the CPU's top-k block (2^26)."""
-    from conftest import build_tiny
-    from indexcache_train.sparse_forward import use_sparse_forward
-
-    shape = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, n_routed_experts=8,
-                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256,
-                 kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, index_n_heads=8,
-                 index_head_dim=64, index_topk=128, max_position_embeddings=8192)
-    model = use_sparse_forward(build_tiny("glm_moe_dsa", **shape))
-    terms = activation_terms(model.config, batch=1, seq_len=4096, act_bytes=4, logits_block=1 << 26)
-    planned = terms["stream"] + terms["groups"] + max(terms["attention"], terms["mlp"])
-    distillation = IndexerDistillation(model, "FSSS", stage="sparse", recall_rows=0)
-    distillation.freeze()
-    input_ids = torch.randint(0, 257, (1, 4096), generator=torch.Generator().manual_seed(0))
-
+def _measured_step_peak(distillation: IndexerDistillation, input_ids: torch.Tensor) -> int:
+    """The heap peak of one distillation step (forward, backward, zero_grad) above its level on entry."""
     def step():
         loss, _ = distillation(input_ids)
         loss.backward()
@@ -92,9 +81,97 @@ def test_activation_estimate_is_close_to_the_measured_peak():
     step()  # warm-up: thread pools and the allocator's first arenas are not the step's
     with _HeapPeak() as heap:
         step()
-    ratio = planned / heap.peak
-    print(f"planned {planned / 2**20:.0f} MiB, measured {heap.peak / 2**20:.0f} MiB, ratio {ratio:.3f}")
+    return heap.peak
+
+
+def test_activation_estimate_is_close_to_the_measured_peak():
+    """A small GlmMoeDsa in fp32 at L = 4096 on the sparse forward: one distillation step's peak above the
+    weights, against the plan's activation terms with the CPU's top-k block (2^26)."""
+    from conftest import build_tiny
+
+    from indexcache_train.sparse_forward import use_sparse_forward
+
+    shape = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 256, "n_routed_experts": 8,
+             "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 256,
+             "kv_lora_rank": 128, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64,
+             "index_n_heads": 8, "index_head_dim": 64, "index_topk": 128, "max_position_embeddings": 8192}
+    model = use_sparse_forward(build_tiny("glm_moe_dsa", **shape))
+    terms = activation_terms(model.config, batch=1, seq_len=4096, act_bytes=4, logits_block=1 << 26)
+    planned = activation_peak(terms)
+    distillation = IndexerDistillation(model, "FSSS", stage="sparse", recall_rows=0)
+    distillation.freeze()
+    input_ids = torch.randint(0, 257, (1, 4096), generator=torch.Generator().manual_seed(0))
+    measured = _measured_step_peak(distillation, input_ids)
+    ratio = planned / measured
+    print(f"planned {planned / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, ratio {ratio:.3f}")
     assert 0.85 < ratio < 1.15
+
+
+# Small fp32 models of the reference-forward families, each at a length where its L^2 terms lead: Glm5Next's
+# pooled indexer scores (8 layers: KDA and 2 indexed, FS), DeepSeek-V4's eager scores over the sliding tokens
+# and the compressed entries (a sliding, two CSA and an HCA layer).
+REFERENCE_FORWARD_SHAPES = {
+    "glm5_next": (2048, "FS", {
+        "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 8,
+        "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 128, "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32, "v_head_dim": 32, "index_n_heads": 8, "index_head_dim": 32, "index_topk": 128,
+        "index_kpool": 4, "linear_head_dim": 16, "linear_num_heads": 2, "max_position_embeddings": 4096}),
+    "deepseek_v4": (1024, "FS", {
+        "hidden_size": 256, "moe_intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "head_dim": 64, "q_lora_rank": 128, "o_groups": 2, "o_lora_rank": 64, "index_n_heads": 8,
+        "index_head_dim": 32, "index_topk": 64, "sliding_window": 128, "max_position_embeddings": 4096,
+        "mlp_layer_types": ["moe"] * 4,
+        "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                        "compressed_sparse_attention"]}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(REFERENCE_FORWARD_SHAPES))
+def test_reference_forward_estimate_is_close_to_the_measured_peak(model_type):
+    """Glm5Next and DeepSeek-V4 on transformers' own forward, in fp32: one sparse-stage distillation step's
+    peak above the weights, against the activation terms the planner takes for the family."""
+    from indexcache_train.adapters import ADAPTERS
+    from indexcache_train.modeling import model_from_config, tiny_config
+
+    seq_len, pattern, shape = REFERENCE_FORWARD_SHAPES[model_type]
+    torch.manual_seed(0)
+    config = tiny_config(model_type, **shape)
+    model = model_from_config(config, attn_implementation=ADAPTERS[model_type].native_attention).eval()
+    terms = model_activation_terms(config, batch=1, seq_len=seq_len, act_bytes=4)
+    distillation = IndexerDistillation(model, pattern, stage="sparse", recall_rows=0)
+    distillation.freeze()
+    input_ids = torch.randint(0, 257, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    measured = _measured_step_peak(distillation, input_ids)
+    ratio = activation_peak(terms) / measured
+    print(f"{model_type}: planned {activation_peak(terms) / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
+          f"ratio {ratio:.3f}")
+    assert 0.85 < ratio < 1.15
+
+
+@pytest.mark.parametrize("model_type", ["glm5_next", "deepseek_v4"])
+def test_plan_cli_plans_the_reference_forward_families_from_a_config(model_type, tmp_path):
+    """transformers' default Glm5Next and DeepSeek-V4 configs (full-size shapes) as a config.json alone: the CLI
+    builds them on the meta device and plans them with their own terms, whose leading one grows with L as
+    the reference forward materialises it (KDA's chunks linearly, V4's eager scores quadratically), and
+    neither fits an H200 at 32K tokens."""
+    from transformers import DeepseekV4Config, Glm5NextConfig
+
+    config = {"glm5_next": Glm5NextConfig, "deepseek_v4": DeepseekV4Config}[model_type]()
+    config.save_pretrained(tmp_path / "config")
+    leading, growth = {"glm5_next": ("linear", 2), "deepseek_v4": ("attention.eager", 4)}[model_type]
+
+    def plan(seq_len):
+        cfg = compose_config("plan", ["model=from_pretrained", f"model.name_or_path={tmp_path / 'config'}",
+                                      f"data.seq_len={seq_len}", "distill.pattern=0.25", f"output_dir={tmp_path}"])
+        run_plan(cfg)
+        return json.loads((tmp_path / "plan.json").read_text())
+
+    short, long = plan(16384), plan(32768)
+    assert short["params_total"] > 1e11 and short["params_trainable"] > 0
+    assert long["terms_gib"][leading] / short["terms_gib"][leading] == pytest.approx(growth, rel=0.05)
+    # The leading term is most of the step's activations, at either length
+    assert long["activations_gib_per_gpu"] / short["activations_gib_per_gpu"] == pytest.approx(growth, rel=0.1)
+    assert not long["fits"]
 
 
 def test_a_plan_that_does_not_fit_the_gpu_stops_the_run(monkeypatch):
