@@ -114,7 +114,15 @@ class Zero3Sizes:
         section = (overrides or {}).get("zero_optimization") or {}
         keys = {"max_live_parameters": "stage3_max_live_parameters", "prefetch_bucket": "stage3_prefetch_bucket_size",
                 "persistence_threshold": "stage3_param_persistence_threshold", "reduce_bucket": "reduce_bucket_size"}
-        return cls(**{name: float(section[key]) for name, key in keys.items() if key in section})
+        sizes = {}
+        for name, key in keys.items():
+            if key in section:
+                try:
+                    sizes[name] = float(section[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"deepspeed.config.zero_optimization.{key}={section[key]!r}: the memory plan "
+                                     "needs a number here (no 'auto').") from None
+        return cls(**sizes)
 
 
 @dataclass
@@ -236,7 +244,8 @@ def plan_memory(model: nn.Module, *, world_size: int, seq_len: int, micro_batch_
     )
 
 
-def zero3_fetch_trace(model: nn.Module, adapter, pattern, *, persistence_threshold: float) -> list[list[tuple[int, int]]]:
+def zero3_fetch_trace(model: nn.Module, adapter, pattern, *,
+                      persistence_threshold: float) -> list[list[tuple[int, int]]]:
     """The modules one distillation step's frozen forward runs, in order, each as its own partitioned
     parameters (id, numel): the decoder's modules in registration order, which is their forward order in
     these models up to the layer norms (persistent) and the o_proj/indexer swap, less the S layers' indexers,
@@ -258,26 +267,34 @@ def zero3_gathered_peak(trace: Sequence[Sequence[tuple[int, int]]], sizes: Zero3
     prefetch the queue's next ones not yet gathered while fewer than min(max_live - gathered, bucket) have
     been taken, then release the module's parameters unless a later use of them has already been prefetched."""
     uses = [(step, pid, numel) for step, module in enumerate(trace) for pid, numel in module]
-    gathered: dict[int, int] = {}
+    gathered: set[int] = set()
+    held = 0  # the parameters in `gathered`, DeepSpeed's n_available_params
     prefetched_until: dict[int, int] = {}  # parameter -> the latest step whose use of it the queue has passed
     head = peak = 0
+
+    def gather(pid: int, numel: int) -> int:
+        if pid in gathered:
+            return 0
+        gathered.add(pid)
+        return numel
+
     for step, module in enumerate(trace):
         for pid, numel in module:
-            gathered[pid] = numel
+            held += gather(pid, numel)
         while head < len(uses) and uses[head][0] <= step:
             head += 1
-        budget, taken = min(sizes.max_live_parameters - sum(gathered.values()), sizes.prefetch_bucket), 0
+        budget, taken = min(sizes.max_live_parameters - held, sizes.prefetch_bucket), 0
         while head < len(uses) and taken < budget:
             use_step, pid, numel = uses[head]
             head += 1
             prefetched_until[pid] = max(prefetched_until.get(pid, use_step), use_step)
-            if pid not in gathered:
-                gathered[pid] = numel
-                taken += numel
-        peak = max(peak, sum(gathered.values()))
-        for pid, _ in module:
-            if prefetched_until.get(pid, step) <= step:
-                gathered.pop(pid, None)
+            taken += gather(pid, numel)
+        held += taken
+        peak = max(peak, held)
+        for pid, numel in module:
+            if pid in gathered and prefetched_until.get(pid, step) <= step:
+                gathered.remove(pid)
+                held -= numel
     return peak
 
 

@@ -42,22 +42,22 @@ def entry_topk(batch, seq_len, rate, k, seed=0):
     return torch.where(top.values > float("-inf"), top.indices, -1)
 
 
-def kernel_loss(index, teacher_q, teacher_k, rate, topk, backend):
+def kernel_loss(index, teacher_q, teacher_k, rate, topk, backend, scale=0.25):
     leaves = [t.clone().to(DEVICE).requires_grad_(True) for t in index]
     kl = CompressedIndexerKL(*leaves, compress_rate=rate, num_layers=teacher_q.shape[0],
                              topk_indices=None if topk is None else topk.to(DEVICE), backend=backend)
     for layer in range(teacher_q.shape[0]):
-        kl.add_layer(teacher_q[layer].to(DEVICE), teacher_k[layer].to(DEVICE), 0.25)
+        kl.add_layer(teacher_q[layer].to(DEVICE), teacher_k[layer].to(DEVICE), scale)
     loss = kl.loss()
     loss.backward()
     return loss.detach().cpu(), [t.grad.cpu() for t in leaves]
 
 
-def reference_loss(index, teacher_q, teacher_k, rate, topk):
+def reference_loss(index, teacher_q, teacher_k, rate, topk, scale=0.25):
     leaves = [t.clone().double().requires_grad_(True) for t in index]
     # Eq. 1: the mean over the served layers of each layer's KL.
     loss = sum(reference_compressed_indexer_kl_loss(*leaves, teacher_q[g:g + 1].double(),
-                                                    teacher_k[g:g + 1].double(), 0.25, compress_rate=rate,
+                                                    teacher_k[g:g + 1].double(), scale, compress_rate=rate,
                                                     topk_indices=topk)
                for g in range(teacher_q.shape[0])) / teacher_q.shape[0]
     loss.backward()
@@ -116,22 +116,11 @@ def test_gpu_bf16_matches_the_reference(stage):
     """DeepSeek-V4-like tiles in bf16 on CUDA (index heads 16 x 128, a one-head teacher of dim 512, compress
     rate 4, L = 1024, top-64 entries), against the fp64 reference on the same bf16 values."""
     index, teacher_q, teacher_k = inputs(1, 1024, 4, heads=16, dim=512, index_heads=16, index_dim=128, seed=3)
-    index = [t.bfloat16() for t in index]
-    teacher_q, teacher_k = teacher_q.bfloat16(), teacher_k.bfloat16()
+    index, teacher_q, teacher_k = [t.bfloat16() for t in index], teacher_q.bfloat16(), teacher_k.bfloat16()
     topk = entry_topk(1, 1024, 4, k=64) if stage == "sparse" else None
-    leaves = [t.cuda().requires_grad_(True) for t in index]
-    kl = CompressedIndexerKL(*leaves, compress_rate=4, num_layers=2,
-                             topk_indices=None if topk is None else topk.cuda(), backend="triton")
-    for layer in range(2):
-        kl.add_layer(teacher_q[layer].cuda(), teacher_k[layer].cuda(), 512 ** -0.5)
-    loss = kl.loss()
-    loss.backward()
-    exact = [t.double().requires_grad_(True) for t in index]
-    expected = sum(reference_compressed_indexer_kl_loss(*exact, teacher_q[g:g + 1].double(),
-                                                        teacher_k[g:g + 1].double(), 512 ** -0.5, compress_rate=4,
-                                                        topk_indices=topk) for g in range(2)) / 2
-    expected.backward()
+    loss, grads = kernel_loss(index, teacher_q, teacher_k, 4, topk, "triton", scale=512 ** -0.5)
+    expected, expected_grads = reference_loss(index, teacher_q, teacher_k, 4, topk, scale=512 ** -0.5)
     assert abs(loss.item() - expected.item()) < 1e-2 * expected.item()
-    for leaf, want in zip(leaves, exact):
-        error = ((leaf.grad.cpu().double() - want.grad).norm() / want.grad.norm()).item()
+    for grad, want in zip(grads, expected_grads):
+        error = ((grad.double() - want.double()).norm() / want.double().norm()).item()
         assert error < 2e-2, error
